@@ -1,0 +1,276 @@
+"""Convolution and pooling in NCHW, as in PyTorch: conv2d (weights (out, in, kh, kw)), avg_pool2d
+(padding counted in the average, PyTorch's default) and max_pool2d (padding never wins).
+
+Windows are visited by kernel offset (kh * kw strided slices), never by a Python loop over output
+positions, and scatters back (col2im, pooling VJPs) add whole slices, with no ``np.add.at``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..kinks.spec import DIRECTIONAL
+from ..tensor import Tensor, as_tensor
+from .core import apply, choose, register
+from .nonsmooth import _check_resolved
+
+
+def _pair(v, name) -> tuple[int, int]:
+    a, b = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
+    if int(a) != a or int(b) != b:
+        raise ValueError(f"{name} must be integers, got {v!r}")
+    return int(a), int(b)
+
+
+class _Geometry:
+    """Kernel, stride, padding and the output size of a 2-D window op on an input shape."""
+
+    def __init__(self, shape, kernel, stride, padding, name):
+        if len(shape) != 4:
+            raise ValueError(f"{name}: input must be NCHW (4-D), got shape {shape}")
+        self.kh, self.kw = kernel
+        self.sh, self.sw = stride
+        self.ph, self.pw = padding
+        n, c, h, w = shape
+        self.shape = shape
+        self.hp, self.wp = h + 2 * self.ph, w + 2 * self.pw
+        self.oh = (self.hp - self.kh) // self.sh + 1
+        self.ow = (self.wp - self.kw) // self.sw + 1
+        if min(self.kh, self.kw, self.sh, self.sw) < 1 or min(self.ph, self.pw) < 0:
+            raise ValueError(f"{name}: kernel and stride must be >= 1 and padding >= 0")
+        if self.oh < 1 or self.ow < 1:
+            raise ValueError(f"{name}: kernel {kernel} with padding {padding} does not fit "
+                             f"input of spatial size {(h, w)}")
+
+    def pad(self, x, value=0.0):
+        if not (self.ph or self.pw):
+            return x
+        return np.pad(x, ((0, 0), (0, 0), (self.ph, self.ph), (self.pw, self.pw)),
+                      constant_values=value)
+
+    def unpad(self, xp):
+        return xp[:, :, self.ph:self.ph + self.shape[2], self.pw:self.pw + self.shape[3]]
+
+    def offsets(self):
+        """(k, slice) for each kernel offset: the strided slice of the padded input it reads."""
+        k = 0
+        for i in range(self.kh):
+            for j in range(self.kw):
+                yield k, (slice(None), slice(None),
+                          slice(i, i + self.sh * (self.oh - 1) + 1, self.sh),
+                          slice(j, j + self.sw * (self.ow - 1) + 1, self.sw))
+                k += 1
+
+    @property
+    def size(self):
+        return self.kh * self.kw
+
+
+# -- conv2d ------------------------------------------------------------------------------------
+
+
+def _im2col(xp, geo):
+    """(N * OH * OW, C * kh * kw) matrix of windows (a copy)."""
+    win = sliding_window_view(xp, (geo.kh, geo.kw), axis=(2, 3))[:, :, ::geo.sh, ::geo.sw]
+    n, c = xp.shape[:2]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * geo.oh * geo.ow, c * geo.size)
+
+
+def _conv_out(cols, w, geo):
+    n = geo.shape[0]
+    out = cols @ w.reshape(w.shape[0], -1).T
+    return out.reshape(n, geo.oh, geo.ow, w.shape[0]).transpose(0, 3, 1, 2)
+
+
+def _conv_fwd(x, w, *b, geo):
+    cols = _im2col(geo.pad(x), geo)
+    ans = _conv_out(cols, w, geo)
+    if b:
+        ans = ans + b[0][None, :, None, None]
+    return np.ascontiguousarray(ans), (cols, w, geo)
+
+
+def _conv_vjp(g, res, needs, c):
+    cols, w, geo = res
+    o = w.shape[0]
+    gm = g.transpose(0, 2, 3, 1).reshape(-1, o)
+    gx = gw = gb = None
+    if needs[0]:
+        dcols = (gm @ w.reshape(o, -1)).reshape(geo.shape[0], geo.oh, geo.ow, -1, geo.kh, geo.kw)
+        dxp = np.zeros((geo.shape[0], geo.shape[1], geo.hp, geo.wp), dtype=g.dtype)
+        for k, sl in geo.offsets():
+            dxp[sl] += dcols[..., k // geo.kw, k % geo.kw].transpose(0, 3, 1, 2)
+        gx = geo.unpad(dxp)
+    if needs[1]:
+        gw = (gm.T @ cols).reshape(w.shape)
+    if len(needs) > 2 and needs[2]:
+        gb = gm.sum(axis=0)
+    return (gx, gw, gb)[:len(needs)]
+
+
+def _conv_jvp(ts, res, c):
+    cols, w, geo = res
+    out = 0.0
+    if ts[0] is not None:
+        out = _conv_out(_im2col(geo.pad(ts[0]), geo), w, geo)
+    if ts[1] is not None:
+        out = out + _conv_out(cols, ts[1], geo)
+    if len(ts) > 2 and ts[2] is not None:
+        out = out + ts[2][None, :, None, None]
+    return out
+
+
+_conv2d = register("conv2d", _conv_fwd, _conv_vjp, _conv_jvp)
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0) -> Tensor:
+    """2-D cross-correlation in NCHW with weights (out, in, kh, kw) and bias (out,), as PyTorch."""
+    x = as_tensor(x)
+    weight = as_tensor(weight, like=x)
+    if weight.ndim != 4:
+        raise ValueError(f"conv2d: weight must be (out, in, kh, kw), got shape {weight.shape}")
+    if x.ndim != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"conv2d: input {x.shape} does not match weight {weight.shape} "
+                         "(input must be NCHW with C = weight.shape[1])")
+    geo = _Geometry(x.shape, weight.shape[2:], _pair(stride, "stride"),
+                    _pair(padding, "padding"), "conv2d")
+    tensors = (x, weight)
+    if bias is not None:
+        bias = as_tensor(bias, like=x)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"conv2d: bias must have shape ({weight.shape[0]},), got {bias.shape}")
+        tensors += (bias,)
+    return apply(_conv2d, tensors, {"geo": geo})
+
+
+# -- avg_pool2d --------------------------------------------------------------------------------
+
+
+def _avg(x, geo):
+    xp = geo.pad(x)
+    out = np.zeros((geo.shape[0], geo.shape[1], geo.oh, geo.ow), dtype=x.dtype)
+    for _, sl in geo.offsets():
+        out += xp[sl]
+    out /= geo.size
+    return out
+
+
+def _avg_vjp(g, res, needs, c):
+    geo = res
+    dxp = np.zeros((geo.shape[0], geo.shape[1], geo.hp, geo.wp), dtype=g.dtype)
+    share = g / geo.size
+    for _, sl in geo.offsets():
+        dxp[sl] += share
+    return (geo.unpad(dxp),)
+
+
+_avg_pool2d = register("avg_pool2d", lambda x, geo: (_avg(x, geo), geo), _avg_vjp,
+                       lambda ts, geo, c: _avg(ts[0], geo))
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
+    """Mean over each window (NCHW); zero padding counts in the mean (count_include_pad=True)."""
+    x = as_tensor(x)
+    kernel = _pair(kernel_size, "kernel_size")
+    geo = _Geometry(x.shape, kernel, kernel if stride is None else _pair(stride, "stride"),
+                    _pair(padding, "padding"), "avg_pool2d")
+    return apply(_avg_pool2d, (x,), {"geo": geo})
+
+
+# -- max_pool2d --------------------------------------------------------------------------------
+
+
+def _max_pool_fwd(x, geo):
+    xp = geo.pad(x, -np.inf)
+    best = None
+    first = np.zeros((geo.shape[0], geo.shape[1], geo.oh, geo.ow), dtype=np.int16)
+    for k, sl in geo.offsets():
+        s = xp[sl]
+        if best is None:
+            best = s.copy()
+            continue
+        better = s > best  # strict: the first (row-major) maximum keeps its index
+        np.copyto(best, s, where=better)
+        first[better] = k
+    return best, (xp, best, first, geo)
+
+
+def _pool_weights(res, choice):
+    """Per-offset weights: a list of K arrays shaped like the output (or None for all-zero)."""
+    xp, best, first, geo = res
+    if isinstance(choice, np.ndarray):  # resolved directionally: (..., K) weights
+        return [choice[..., k] for k in range(geo.size)]
+    if choice == "first":
+        return [first == k for k, _ in geo.offsets()]
+    hits = [xp[sl] == best for _, sl in geo.offsets()]
+    if choice == DIRECTIONAL and (sum(hits) > 1).any():
+        _check_resolved("max_pool2d", choice)
+    if choice in ("split", DIRECTIONAL):
+        count = np.sum(hits, axis=0)
+        return [h / count for h in hits]
+    # "last": the final tied offset in row-major order
+    taken = np.zeros(best.shape, bool)
+    out = [None] * geo.size
+    for k in reversed(range(geo.size)):
+        out[k] = hits[k] & ~taken
+        taken |= hits[k]
+    return out
+
+
+def _max_pool_vjp(g, res, needs, choice):
+    xp, best, first, geo = res
+    dxp = np.zeros(xp.shape, dtype=g.dtype)
+    for (k, sl), w in zip(geo.offsets(), _pool_weights(res, choice)):
+        dxp[sl] += g * w
+    return (geo.unpad(dxp),)
+
+
+def _max_pool_jvp(ts, res, choice):
+    xp, best, first, geo = res
+    tp = geo.pad(ts[0])
+    out = np.zeros(best.shape, dtype=tp.dtype)
+    for (k, sl), w in zip(geo.offsets(), _pool_weights(res, choice)):
+        out += tp[sl] * w
+    return out
+
+
+def _max_pool_select(ts_dirs, res):
+    """Directional: among each window's tied maxima the largest tangent wins, direction by
+    direction (lexicographic)."""
+    xp, best, first, geo = res
+    winners = np.stack([xp[sl] == best for _, sl in geo.offsets()], axis=-1)
+    for ts in ts_dirs:
+        tp = geo.pad(ts[0])
+        t = np.where(winners, np.stack([tp[sl] for _, sl in geo.offsets()], axis=-1), -np.inf)
+        winners &= t == t.max(axis=-1, keepdims=True)
+    count = winners.sum(axis=-1, keepdims=True)
+    return winners / count, winners & (count > 1)
+
+
+def _max_pool_hits(res):
+    """Windows whose maximum is tied."""
+    xp, best, first, geo = res
+    return int(np.count_nonzero(sum(xp[sl] == best for _, sl in geo.offsets()) > 1))
+
+
+_max_pool2d = register("max_pool2d", _max_pool_fwd, _max_pool_vjp, _max_pool_jvp,
+                       kink="max_pool2d", hits=_max_pool_hits, select=_max_pool_select)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, ties=None) -> Tensor:
+    """Max over each window (NCHW; stride defaults to the kernel size; padding never wins).
+
+    Ties within a window share the gradient by ``ties``: ``"first"`` (row-major; PyTorch, JAX and
+    TensorFlow), ``"last"``, ``"split"`` or ``"directional"``.
+    """
+    x = as_tensor(x)
+    kernel = _pair(kernel_size, "kernel_size")
+    geo = _Geometry(x.shape, kernel, kernel if stride is None else _pair(stride, "stride"),
+                    _pair(padding, "padding"), "max_pool2d")
+    if geo.ph * 2 > geo.kh or geo.pw * 2 > geo.kw:
+        raise ValueError(f"max_pool2d: padding {padding} must be at most half the kernel {kernel}")
+    if geo.size > np.iinfo(np.int16).max:
+        raise ValueError(f"max_pool2d: kernel {kernel} too large")
+    return apply(_max_pool2d, (x,), {"geo": geo}, choice=choose("max_pool2d", ties))
+

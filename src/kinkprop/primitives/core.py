@@ -1,0 +1,139 @@
+"""The primitive record and the one function that applies a primitive to tensors.
+
+A :class:`Primitive` is one record: its forward, its VJP and its JVP side by side, and for
+non-smooth primitives the name of its kink spec and its directional piece selector.
+
+Rule signatures (``res`` is whatever the forward chose to save, computed once):
+
+``forward(*arrays, **params) -> (ans, res)``
+``vjp(g, res, needs, choice) -> tuple`` one cotangent per input (``None`` where ``needs`` is False)
+``jvp(ts, res, choice) -> t`` tangent of the output; entries of ``ts`` may be ``None`` (zero)
+``hits(res) -> int`` (non-smooth only) how many elements sit exactly on a kink (ties count once per
+    tied group).
+``select(ts_dirs, res) -> (choice, unresolved)`` (non-smooth only) the directional policy: the choice
+    that picks the pieces active along the directions, compared lexicographically (``ts_dirs`` holds
+    one list of input tangents per direction), and a mask of kink elements still tied after all.
+
+Arrays reaching the rules are in compute precision (see :mod:`kinkprop.precision`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import tape
+from ..kinks.policy import current_policy
+from ..kinks.spec import SPECS, KinkSpec
+from ..precision import result_dtype, to_compute, to_storage
+
+
+@dataclass(frozen=True, eq=False)
+class Primitive:
+    name: str
+    forward: Callable[..., tuple[np.ndarray, Any]]
+    vjp: Callable[..., tuple]
+    jvp: Callable[..., np.ndarray]
+    kink: KinkSpec | None = None
+    hits: Callable | None = None
+    select: Callable | None = None
+
+    def __repr__(self):
+        return f"<primitive {self.name}>"
+
+
+#: Every primitive, by name.
+PRIMITIVES: dict[str, Primitive] = {}
+
+
+def register(name, forward, vjp, jvp, kink: str | None = None, hits=None, select=None
+             ) -> Primitive:
+    prim = Primitive(name, forward, vjp, jvp, SPECS[kink] if kink else None, hits, select)
+    PRIMITIVES[name] = prim
+    return prim
+
+
+# -- sites: where a non-smooth primitive sits (module path inside kp.nn) -----------------------
+
+_site: contextvars.ContextVar[str | None] = contextvars.ContextVar("kinkprop_site", default=None)
+
+
+@contextlib.contextmanager
+def site(name: str | None):
+    """Name the non-smooth primitives applied in this scope (``kp.nn`` uses module paths)."""
+    token = _site.set(name)
+    try:
+        yield
+    finally:
+        _site.reset(token)
+
+
+def current_site() -> str | None:
+    return _site.get()
+
+
+# -- choosing the kink value -------------------------------------------------------------------
+
+
+def choose(kink: str, explicit=None, slope: float | None = None):
+    """The choice for primitive ``kink``: the per-call value if given, else the policy in force."""
+    spec = SPECS[kink]
+    value = current_policy()[kink] if explicit is None else spec.validate(explicit)
+    return spec.resolve(value, slope)
+
+
+# -- applying ----------------------------------------------------------------------------------
+
+
+def apply(prim: Primitive, tensors: tuple, params: dict | None = None, choice=None):
+    """Run ``prim`` forward on ``tensors`` and record a node when gradients are needed."""
+    from ..tensor import Tensor
+
+    dtype = result_dtype(*(t.data.dtype for t in tensors))
+    arrays = [to_compute(t.data) for t in tensors]
+    ans, res = prim.forward(*arrays, **(params or {}))
+    out = Tensor._wrap(to_storage(ans, dtype))
+    node = None
+    if tape.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        parents = tuple(t if t.requires_grad else None for t in tensors)
+        node = tape.Node(prim, parents, res, choice, _site.get() if prim.kink else None)
+        out._node = node
+        out.requires_grad = True
+    if prim.kink is not None and tape.Hooks.on_kink:
+        for hook in tape.Hooks.on_kink:
+            hook(prim, _site.get(), arrays, ans, node)
+    return out
+
+
+# -- helpers shared by the rules ---------------------------------------------------------------
+
+
+def unbroadcast(g: np.ndarray, shape: tuple) -> np.ndarray:
+    """Sum ``g`` over the axes along which an input of ``shape`` was broadcast."""
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)
+    if lead:
+        g = g.sum(axis=tuple(range(lead)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g
+
+
+def lex_first_nonzero(ts_dirs, key) -> np.ndarray:
+    """Lexicographic tangent: per element, the first non-zero of ``key(ts)`` over the directions."""
+    out = None
+    for ts in ts_dirs:
+        k = key(ts)
+        out = k if out is None else np.where(out != 0, out, k)
+    return out
+
+
+def tangent(ts, i, like):
+    """Input ``i``'s tangent, zeros where it is ``None`` (a constant input)."""
+    return np.zeros_like(like) if ts[i] is None else ts[i]

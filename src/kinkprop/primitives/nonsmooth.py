@@ -1,0 +1,395 @@
+"""Non-smooth primitives: every kink is declared here, with its spec in :mod:`kinkprop.kinks.spec`.
+
+Elementwise kinks (relu, leaky_relu, abs, relu6, hardtanh, clamp, the |.| inside l1_loss) declare a
+*smooth* local derivative, valid away from the kinks, plus the kink locations; the policy's value is
+written at inputs exactly on a kink (``+0.0`` and ``-0.0`` alike). VJP = ``g * d`` and JVP = ``t * d``
+share that one derivative, so forward and reverse mode agree at kinks.
+
+Ties (maximum, minimum, max / min reductions) share the gradient among the tied inputs by the rule
+in force: ``"split"`` equal shares, ``"first"`` / ``"last"`` all to one input in row-major order.
+
+Compositions that would change a rule (relu written as ``maximum(x, 0)``, which PyTorch gives 0.5 at
+0) are different primitives here on purpose: each kink follows its own record.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+import numpy as np
+
+from ..kinks.spec import DIRECTIONAL, SPECS
+from ..tensor import Tensor, as_tensor, lift_pair
+from .core import apply, choose, lex_first_nonzero, register, tangent, unbroadcast
+
+
+class UnresolvedKinkError(RuntimeError):
+    """A ``"directional"`` choice reached a rule before the tangent sweep resolved it."""
+
+
+def _check_resolved(name, choice):
+    if isinstance(choice, str) and choice == DIRECTIONAL:
+        raise UnresolvedKinkError(
+            f"{name}: the directional policy must be resolved by a tangent sweep before backward "
+            "(call loss.backward(), which does so, or kp.directional.resolve(loss))"
+        )
+
+
+# -- elementwise kinks -------------------------------------------------------------------------
+
+
+def _elementwise_kink(name, kink, f, smooth_d, locations):
+    """Register an elementwise non-smooth primitive.
+
+    ``f(x, **p)`` the function; ``smooth_d(x, **p)`` its derivative off the kinks (a fresh writable
+    array; its value *at* a kink is irrelevant, the policy overwrites it); ``locations(**p)`` the
+    kink positions in spec order (``None`` for an absent bound).
+    """
+
+    def forward(x, **p):
+        return f(x, **p), (x, p)
+
+    def local(res, choice):
+        x, p = res
+        d = smooth_d(x, **p)
+        values = choice
+        if SPECS[kink].kind == "value" or isinstance(choice, str):
+            values = (choice,) * len(SPECS[kink].kinks)
+        for loc, v in zip(locations(**p), values):
+            if loc is None:
+                continue
+            hit = x == loc
+            if hit.any():
+                _check_resolved(name, v)
+                np.copyto(d, v, where=hit, casting="unsafe")
+        return d
+
+    def vjp(g, res, needs, choice):
+        return (g * local(res, choice),)
+
+    def jvp(ts, res, choice):
+        return ts[0] * local(res, choice)
+
+    def hits(res):
+        x, p = res
+        return int(builtins.sum(np.count_nonzero(x == loc) for loc in locations(**p)
+                                if loc is not None))
+
+    def select(ts_dirs, res):
+        """Directional: the one-sided derivative on the side the tangent points to."""
+        x, p = res
+        t = lex_first_nonzero(ts_dirs, lambda ts: tangent(ts, 0, x))
+        out, unresolved = [], np.zeros(x.shape, bool)
+        for (left, right), loc in zip(SPECS[kink].one_sided(p.get("slope")), locations(**p)):
+            out.append(np.where(t > 0, right, left).astype(x.dtype))
+            if loc is not None:
+                unresolved |= (x == loc) & (t == 0)
+        return (out[0] if SPECS[kink].kind == "value" else tuple(out)), unresolved
+
+    return register(name, forward, vjp, jvp, kink=kink, hits=hits, select=select)
+
+
+def _between(x, lo, hi):
+    d = np.ones_like(x)
+    if lo is not None:
+        d *= x > lo
+    if hi is not None:
+        d *= x < hi
+    return d
+
+
+_LOCATIONS = {
+    "relu": lambda: (0.0,),
+    "leaky_relu": lambda slope: (0.0,),
+    "abs": lambda: (0.0,),
+    "l1_loss": lambda: (0.0,),
+    "relu6": lambda: (0.0, 6.0),
+    "hardtanh": lambda lo, hi: (lo, hi),
+    "clamp": lambda lo, hi: (lo, hi),
+}
+
+_relu = _elementwise_kink(
+    "relu", "relu", lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(x.dtype),
+    _LOCATIONS["relu"])
+_leaky_relu = _elementwise_kink(
+    "leaky_relu", "leaky_relu", lambda x, slope: np.where(x > 0, x, slope * x),
+    lambda x, slope: np.where(x > 0, 1.0, slope).astype(x.dtype), _LOCATIONS["leaky_relu"])
+_abs = _elementwise_kink("abs", "abs", np.abs, np.sign, _LOCATIONS["abs"])
+_l1 = _elementwise_kink("l1_abs", "l1_loss", np.abs, np.sign, _LOCATIONS["l1_loss"])
+_relu6 = _elementwise_kink(
+    "relu6", "relu6", lambda x: np.clip(x, 0.0, 6.0), lambda x: _between(x, 0.0, 6.0),
+    _LOCATIONS["relu6"])
+_hardtanh = _elementwise_kink(
+    "hardtanh", "hardtanh", lambda x, lo, hi: np.clip(x, lo, hi), _between,
+    _LOCATIONS["hardtanh"])
+_clamp = _elementwise_kink(
+    "clamp", "clamp", lambda x, lo, hi: np.clip(x, lo, hi), _between, _LOCATIONS["clamp"])
+
+
+def relu(x, at_kink=None) -> Tensor:
+    """max(x, 0). Derivative 1 for x > 0, 0 for x < 0, and ``at_kink`` at x = 0 (+0.0 or -0.0).
+
+    ``at_kink``: a number (PyTorch, JAX and TensorFlow all use 0; the Clarke interval is [0, 1]),
+    ``"left"`` (0), ``"right"`` (1) or ``"directional"``; ``None`` takes the policy in force.
+    """
+    return apply(_relu, (as_tensor(x),), choice=choose("relu", at_kink))
+
+
+def leaky_relu(x, slope: float = 0.01, at_kink=None) -> Tensor:
+    """x for x > 0, else slope * x. At 0 the derivative is ``at_kink``: PyTorch and TensorFlow use
+    ``"left"`` (the slope), JAX ``"right"`` (1)."""
+    slope = float(slope)
+    return apply(_leaky_relu, (as_tensor(x),), {"slope": slope},
+                 choice=choose("leaky_relu", at_kink, slope=slope))
+
+
+def abs(x, at_kink=None) -> Tensor:  # noqa: A001 - mirrors numpy / torch
+    """|x|. At 0 the derivative is ``at_kink`` (PyTorch / TensorFlow 0, JAX 1; Clarke [-1, 1])."""
+    return apply(_abs, (as_tensor(x),), choice=choose("abs", at_kink))
+
+
+def relu6(x, at_kink=None) -> Tensor:
+    """min(max(x, 0), 6). ``at_kink = (at 0, at 6)``; every preset uses (0, 0)."""
+    return apply(_relu6, (as_tensor(x),), choice=choose("relu6", at_kink))
+
+
+def hardtanh(x, min_val: float = -1.0, max_val: float = 1.0, at_kink=None) -> Tensor:
+    """min(max(x, min_val), max_val). ``at_kink = (at min_val, at max_val)``: PyTorch (0, 0), JAX
+    and TensorFlow (1, 1)."""
+    return apply(_hardtanh, (as_tensor(x),), {"lo": float(min_val), "hi": float(max_val)},
+                 choice=choose("hardtanh", at_kink))
+
+
+def clamp(x, min=None, max=None, at_kink=None) -> Tensor:  # noqa: A002 - mirrors torch.clamp
+    """min(max(x, min), max) with scalar or tensor bounds (either may be None).
+
+    ``at_kink = (at min, at max)`` is x's derivative when x equals a bound: PyTorch 2.13 (1, 1),
+    PyTorch 2.14 (0, 0), JAX (0.5, 0.5), TensorFlow (1, 1). With tensor bounds, a bound gets the
+    rest, ``1 - at_kink``, where x equals it, and 1 where it is the active piece.
+    """
+    if min is None and max is None:
+        raise ValueError("clamp: give at least one of min and max")
+    choice = choose("clamp", at_kink)
+    scalar = all(b is None or isinstance(b, (int, float)) for b in (min, max))
+    if scalar:
+        lo = None if min is None else float(min)
+        hi = None if max is None else float(max)
+        return apply(_clamp, (as_tensor(x),), {"lo": lo, "hi": hi}, choice=choice)
+    x = as_tensor(x)
+    lo = as_tensor(-np.inf if min is None else min, like=x)
+    hi = as_tensor(np.inf if max is None else max, like=x)
+    return apply(_clamp_tensor, (x, lo, hi), choice=choice)
+
+
+def _clamp_tensor_fwd(x, lo, hi):
+    return np.minimum(np.maximum(x, lo), hi), (x, lo, hi)
+
+
+def _clamp_tensor_weights(res, choice):
+    x, lo, hi = res
+    v_lo, v_hi = (choice, choice) if isinstance(choice, str) else choice
+    at_lo, at_hi = x == lo, x == hi
+    if at_lo.any() or at_hi.any():
+        _check_resolved("clamp", v_lo)
+    wx = ((x > lo) & (x < hi)) + v_lo * at_lo + v_hi * at_hi
+    wlo = (x < lo) + (1.0 - v_lo) * at_lo
+    whi = (x > hi) + (1.0 - v_hi) * at_hi
+    return wx, wlo, whi
+
+
+def _clamp_tensor_vjp(g, res, needs, choice):
+    ws = _clamp_tensor_weights(res, choice)
+    return tuple(unbroadcast(g * w, a.shape) if n else None for w, a, n in zip(ws, res, needs))
+
+
+def _clamp_tensor_jvp(ts, res, choice):
+    ws = _clamp_tensor_weights(res, choice)
+    shape = np.broadcast_shapes(*(a.shape for a in res))
+    out = sum(t * w for t, w in zip(ts, ws) if t is not None)
+    return np.broadcast_to(out, shape)
+
+
+def _clamp_tensor_select(ts_dirs, res):
+    x, lo, hi = res
+    # x's share at a bound is 1 where x moves inward relative to the bound, 0 where it moves out
+    d_lo = lex_first_nonzero(ts_dirs, lambda ts: tangent(ts, 0, x) - tangent(ts, 1, lo))
+    d_hi = lex_first_nonzero(ts_dirs, lambda ts: tangent(ts, 0, x) - tangent(ts, 2, hi))
+    v_lo = np.where(d_lo > 0, 1.0, 0.0)
+    v_hi = np.where(d_hi < 0, 1.0, 0.0)
+    unresolved = ((x == lo) & (d_lo == 0)) | ((x == hi) & (d_hi == 0))
+    return (v_lo, v_hi), unresolved
+
+
+def _clamp_tensor_hits(res):
+    x, lo, hi = res
+    return int(np.count_nonzero((x == lo) | (x == hi)))
+
+
+_clamp_tensor = register("clamp_tensor", _clamp_tensor_fwd, _clamp_tensor_vjp, _clamp_tensor_jvp,
+                         kink="clamp", hits=_clamp_tensor_hits, select=_clamp_tensor_select)
+
+
+# -- ties between two inputs -------------------------------------------------------------------
+
+
+def _tie_shares(choice, tie):
+    if isinstance(choice, str) and choice == "directional":
+        if tie.any():
+            _check_resolved("maximum/minimum", choice)
+        return 0.5, 0.5
+    if isinstance(choice, tuple):  # resolved directionally: per-element shares
+        return choice
+    return {"split": (0.5, 0.5), "first": (1.0, 0.0), "last": (0.0, 1.0)}[choice]
+
+
+def _pairwise(name, kink, f, wins):
+    def forward(a, b):
+        return f(a, b), (a, b)
+
+    def weights(res, choice):
+        a, b = res
+        tie = a == b
+        sa, sb = _tie_shares(choice, tie)
+        return wins(a, b) + sa * tie, wins(b, a) + sb * tie
+
+    def vjp(g, res, needs, choice):
+        wa, wb = weights(res, choice)
+        a, b = res
+        return (unbroadcast(g * wa, a.shape) if needs[0] else None,
+                unbroadcast(g * wb, b.shape) if needs[1] else None)
+
+    def jvp(ts, res, choice):
+        wa, wb = weights(res, choice)
+        out = sum(t * w for t, w in zip(ts, (wa, wb)) if t is not None)
+        return np.broadcast_to(out, np.broadcast_shapes(res[0].shape, res[1].shape))
+
+    def hits(res):
+        return int(np.count_nonzero(res[0] == res[1]))
+
+    def select(ts_dirs, res):
+        a, b = res
+        shape = np.broadcast_shapes(a.shape, b.shape)
+        diff = lex_first_nonzero(ts_dirs, lambda ts: np.broadcast_to(
+            tangent(ts, 0, a) - tangent(ts, 1, b), shape))
+        sa = wins(diff, -diff).astype(a.dtype)
+        return (sa, 1.0 - sa), (a == b) & (diff == 0)
+
+    return register(name, forward, vjp, jvp, kink=kink, hits=hits, select=select)
+
+
+_maximum = _pairwise("maximum", "maximum", np.maximum, lambda a, b: a > b)
+_minimum = _pairwise("minimum", "minimum", np.minimum, lambda a, b: a < b)
+
+
+def maximum(a, b, ties=None) -> Tensor:
+    """Elementwise max(a, b). Where a = b the gradient is shared by ``ties``: ``"split"`` (PyTorch,
+    JAX: 1/2 each), ``"first"`` (TensorFlow: all to a), ``"last"`` or ``"directional"``.
+
+    Note ``maximum(x, 0)`` is not ``relu(x)``: at 0 it follows this tie rule (PyTorch: 0.5).
+    """
+    return apply(_maximum, lift_pair(a, b), choice=choose("maximum", ties))
+
+
+def minimum(a, b, ties=None) -> Tensor:
+    """Elementwise min(a, b); ties as in :func:`maximum`."""
+    return apply(_minimum, lift_pair(a, b), choice=choose("minimum", ties))
+
+
+# -- max / min reductions ----------------------------------------------------------------------
+
+
+def _reduction_weights(x, ans_k, axis, rule):
+    """Share of the gradient each element gets: a weight array shaped like x."""
+    if isinstance(rule, np.ndarray):  # resolved directionally
+        return rule
+    hit = x == ans_k
+    if rule == "split":
+        return hit / hit.sum(axis=axis, keepdims=True)
+    if rule == DIRECTIONAL:
+        count = hit.sum(axis=axis, keepdims=True)
+        if (count > 1).any():
+            _check_resolved("max/min", rule)
+        return hit / count
+    w = np.zeros(x.shape, x.dtype)
+    if axis is None:
+        flat = hit.ravel()
+        i = int(np.argmax(flat)) if rule == "first" else flat.size - 1 - int(np.argmax(flat[::-1]))
+        w.flat[i] = 1.0
+        return w
+    if rule == "first":
+        idx = np.argmax(hit, axis=axis)
+    else:
+        idx = hit.shape[axis] - 1 - np.argmax(np.flip(hit, axis=axis), axis=axis)
+    np.put_along_axis(w, np.expand_dims(idx, axis), 1.0, axis=axis)
+    return w
+
+
+def _reduction(name, reduce):
+    def forward(x, axis, keepdims):
+        ans_k = reduce(x, axis=axis, keepdims=True)
+        ans = ans_k if keepdims else (ans_k.reshape(()) if axis is None else ans_k.squeeze(axis))
+        return ans, (x, ans_k, axis, keepdims)
+
+    def vjp(g, res, needs, choice):
+        x, ans_k, axis, keepdims = res
+        g_k = g if keepdims else np.reshape(g, ans_k.shape)
+        return (_reduction_weights(x, ans_k, axis, choice) * g_k,)
+
+    def jvp(ts, res, choice):
+        x, ans_k, axis, keepdims = res
+        out = (_reduction_weights(x, ans_k, axis, choice) * ts[0]).sum(axis=axis, keepdims=True)
+        return out if keepdims else out.reshape(ans_k.shape if axis is None else
+                                                np.squeeze(ans_k, axis).shape)
+
+    def hits(res):
+        x, ans_k, axis, keepdims = res
+        return int(np.count_nonzero((x == ans_k).sum(axis=axis) > 1))
+
+    def select(ts_dirs, res):
+        x, ans_k, axis, keepdims = res
+        # among the tied winners, the largest tangent wins (for min: the smallest), direction by
+        # direction (lexicographic)
+        sign = 1.0 if reduce is np.max else -1.0
+        winners = x == ans_k
+        for ts in ts_dirs:
+            t = np.where(winners, sign * tangent(ts, 0, x), -np.inf)
+            winners &= t == t.max(axis=axis, keepdims=True)
+        count = winners.sum(axis=axis, keepdims=True)
+        return winners / count, winners & (count > 1)
+
+    return register(name, forward, vjp, jvp, kink=name, hits=hits, select=select)
+
+
+_max = _reduction("max", np.max)
+_min = _reduction("min", np.min)
+_max_axis = _reduction("max_axis", np.max)
+_min_axis = _reduction("min_axis", np.min)
+
+
+def _reduce(x, axis, keepdims, ties, prims, name):
+    x = as_tensor(x)
+    if axis is not None:
+        if not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"{name}: axis must be an int or None, got {axis!r}")
+        if not -x.ndim <= axis < x.ndim:
+            raise ValueError(f"{name}: axis {axis} out of range for shape {x.shape}")
+        axis = int(axis) % x.ndim
+    if x.data.size == 0:
+        raise ValueError(f"{name}: empty input of shape {x.shape}")
+    prim = prims[axis is not None]
+    return apply(prim, (x,), {"axis": axis, "keepdims": bool(keepdims)},
+                 choice=choose(prim.kink.name, ties))
+
+
+def max(x, axis=None, keepdims=False, ties=None) -> Tensor:  # noqa: A001
+    """Max over all elements (``axis=None``) or along ``axis``.
+
+    Ties share the gradient by ``ties``. PyTorch: ``split`` for the full max, ``first`` index along
+    a dim (``torch.max(x, dim)``); JAX and TensorFlow ``split`` in both cases.
+    """
+    return _reduce(x, axis, keepdims, ties, (_max, _max_axis), "max")
+
+
+def min(x, axis=None, keepdims=False, ties=None) -> Tensor:  # noqa: A001
+    """Min over all elements or along ``axis``; ties as in :func:`max`."""
+    return _reduce(x, axis, keepdims, ties, (_min, _min_axis), "min")

@@ -1,0 +1,183 @@
+"""The tape: recording primitive applications, and the reverse and forward sweeps over it.
+
+Each primitive application that involves a tensor requiring gradients creates one :class:`Node` on
+its output tensor. The node holds the primitive, its parent tensors, the residuals its rules need
+(computed once, in the forward pass), and the kink choice in force at forward time.
+
+Sweeps visit nodes in an iterative topological order (no recursion limit, deterministic: parents in
+argument order). The reverse sweep pops each node's pending cotangent and releases the node's
+residuals as soon as it is done, unless ``retain_graph=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .precision import to_compute, to_storage
+
+if TYPE_CHECKING:
+    from .primitives.core import Primitive
+    from .tensor import Tensor
+
+
+class _GradMode:
+    enabled = True
+
+
+def is_grad_enabled() -> bool:
+    return _GradMode.enabled
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Scope in which nothing is recorded: results never require gradients."""
+    prev, _GradMode.enabled = _GradMode.enabled, False
+    try:
+        yield
+    finally:
+        _GradMode.enabled = prev
+
+
+@contextlib.contextmanager
+def enable_grad():
+    prev, _GradMode.enabled = _GradMode.enabled, True
+    try:
+        yield
+    finally:
+        _GradMode.enabled = prev
+
+
+class Node:
+    """One recorded primitive application (the ``grad_fn`` of its output tensor)."""
+
+    __slots__ = ("prim", "parents", "res", "choice", "site", "released", "__weakref__")
+
+    def __init__(self, prim: "Primitive", parents: tuple, res: Any, choice: Any, site: str | None):
+        self.prim = prim
+        self.parents = parents  # Tensor for each input that requires grad, None otherwise
+        self.res = res
+        self.choice = choice  # kink choice in force at forward time (None for smooth primitives)
+        self.site = site
+        self.released = False
+
+    def __repr__(self):
+        return f"<Node {self.prim.name}{' @' + self.site if self.site else ''}>"
+
+
+class Hooks:
+    """Diagnostics attach here (census, timers); primitives stay clean.
+
+    ``on_kink(node, inputs, ans)`` runs after each non-smooth primitive's forward, with its inputs in
+    compute precision. ``on_kink_backward(node, g)`` runs before that node's VJP.
+    """
+
+    on_kink: list[Callable] = []
+    on_kink_backward: list[Callable] = []
+
+
+# -- topological order -------------------------------------------------------------------------
+
+
+def toposort(root: "Tensor") -> list["Tensor"]:
+    """Tensors reachable from ``root`` through nodes, root first, each after all its consumers."""
+    order, seen = [], {id(root)}
+    stack = [(root, False)]
+    while stack:
+        t, expanded = stack.pop()
+        if expanded:
+            order.append(t)
+            continue
+        stack.append((t, True))
+        node = t._node
+        if node is None:
+            continue
+        for p in reversed(node.parents):
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                stack.append((p, False))
+    order.reverse()
+    return order
+
+
+# -- reverse sweep -----------------------------------------------------------------------------
+
+
+def backward(root: "Tensor", g: np.ndarray, retain_graph: bool = False,
+             inputs: list["Tensor"] | None = None) -> dict[int, np.ndarray] | None:
+    """Propagate cotangent ``g`` from ``root``.
+
+    With ``inputs=None`` gradients accumulate into the ``.grad`` of leaf tensors that require grad.
+    With ``inputs`` given, their cotangents are returned (keyed by ``id``) and ``.grad`` is untouched.
+    """
+    order = toposort(root)
+    pending: dict[int, np.ndarray] = {id(root): g}
+    wanted = None if inputs is None else {id(t) for t in inputs}
+    found: dict[int, np.ndarray] = {}
+    for t in order:
+        g = pending.pop(id(t), None)
+        if g is None:
+            continue
+        if wanted is not None and id(t) in wanted:
+            found[id(t)] = g
+        node = t._node
+        if node is None:
+            if wanted is None and t.requires_grad:
+                t._accumulate(g)
+            continue
+        if node.released:
+            raise RuntimeError(
+                f"backward through {node.prim.name} a second time, but its saved arrays were "
+                "released after the first backward; pass retain_graph=True to the first "
+                ".backward() to keep them"
+            )
+        for hook in Hooks.on_kink_backward if node.choice is not None else ():
+            hook(node, g)
+        needs = tuple(p is not None for p in node.parents)
+        cts = node.prim.vjp(to_compute(g), node.res, needs, node.choice)
+        for p, ct in zip(node.parents, cts):
+            if p is None or ct is None:
+                continue
+            ct = to_storage(ct, p.dtype)
+            prev = pending.get(id(p))
+            pending[id(p)] = ct if prev is None else prev + ct
+        if not retain_graph:
+            node.res = None
+            node.released = True
+    return found if wanted is not None else None
+
+
+# -- forward (tangent) sweep -------------------------------------------------------------------
+
+
+def forward_sweep(root: "Tensor", tangents: list[dict[int, np.ndarray]],
+                  on_kink: Callable | None = None) -> list[dict[int, np.ndarray]]:
+    """Push tangents through the recorded tape to ``root``, for one or several directions at once.
+
+    ``tangents`` holds, per direction, the tangents of input tensors keyed by ``id``. Each node's
+    JVP runs with the primal residuals saved in the forward pass. Before a non-smooth node's JVP,
+    ``on_kink(node, ts_dirs)`` may replace ``node.choice`` (the directional policy selects pieces
+    there, seeing every direction's input tangents). Returns, per direction, the tangent of every
+    tensor reached.
+    """
+    order = toposort(root)
+    outs = [dict(t) for t in tangents]
+    for t in reversed(order):
+        node = t._node
+        if node is None or id(t) in outs[0]:
+            continue
+        if node.released:
+            raise RuntimeError(
+                "forward sweep over a released graph; record it again or pass retain_graph=True"
+            )
+        ts_dirs = [[None if p is None else out.get(id(p)) for p in node.parents] for out in outs]
+        if all(x is None for x in ts_dirs[0]):
+            continue
+        ts_dirs = [[None if x is None else to_compute(x) for x in ts] for ts in ts_dirs]
+        if on_kink is not None and node.choice is not None:
+            node.choice = on_kink(node, ts_dirs)
+        for out, ts in zip(outs, ts_dirs):
+            out[id(t)] = to_storage(node.prim.jvp(ts, node.res, node.choice), t.dtype)
+    return outs

@@ -1,0 +1,213 @@
+"""Tensor: a NumPy array, an optional gradient, and the tape node that produced it.
+
+Operators delegate to primitives (:mod:`kinkprop.primitives`). Comparisons return tensors that are
+not differentiable. Gradients accumulate into ``.grad`` of leaf tensors, as in PyTorch.
+
+Dtypes: ``kp.tensor`` keeps the dtype of a NumPy array it is given (as ``torch.tensor`` does) and
+makes Python floats float32; integers and bools stay integer / bool and cannot require gradients.
+A Python scalar in a binary operation takes the dtype of the tensor it meets.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import tape
+from .precision import as_dtype, is_float
+
+
+class Tensor:
+    __slots__ = ("data", "grad", "requires_grad", "_node", "name", "__weakref__")
+    __array_priority__ = 100  # ndarray <op> Tensor defers to Tensor's reflected operators
+
+    def __init__(self, data, requires_grad: bool = False, dtype=None):
+        arr = _to_array(data, dtype)
+        if requires_grad and not is_float(arr.dtype):
+            raise TypeError(
+                f"only floating-point tensors can require grad, got dtype {arr.dtype}; "
+                "pass dtype='float32' (or another float format)"
+            )
+        self.data = arr
+        self.grad: np.ndarray | None = None
+        self.requires_grad = bool(requires_grad)
+        self._node = None
+        self.name = None
+
+    @classmethod
+    def _wrap(cls, arr: np.ndarray) -> "Tensor":
+        t = cls.__new__(cls)
+        t.data = arr
+        t.grad = None
+        t.requires_grad = False
+        t._node = None
+        t.name = None
+        return t
+
+    # -- array facts -------------------------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+    grad_fn = property(lambda self: self._node)
+    is_leaf = property(lambda self: self._node is None)
+
+    def __len__(self):
+        return len(self.data)
+
+    def item(self) -> float:
+        return self.data.item()
+
+    def numpy(self) -> np.ndarray:
+        """The underlying array (shared, not copied)."""
+        return self.data
+
+    def detach(self) -> "Tensor":
+        return Tensor._wrap(self.data)
+
+    def __repr__(self):
+        extra = ", requires_grad=True" if self.requires_grad else ""
+        body = np.array2string(self.data.astype(np.float64) if self.dtype.kind == "V" or
+                               self.dtype.name in {"bfloat16"} else self.data, separator=", ")
+        return f"tensor({body}, dtype={self.dtype}{extra})"
+
+    # -- gradients ---------------------------------------------------------------------------
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad``.
+
+        ``grad`` is required unless self is a scalar (it is the cotangent of self). The graph's
+        saved arrays are released as the sweep proceeds; pass ``retain_graph=True`` to backward
+        through the same graph again. A directional kink policy in force at forward time resolves
+        its kinks here first (see :mod:`kinkprop.kinks.directional`).
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad; create inputs "
+                               "with requires_grad=True")
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"backward() without grad needs a scalar, got shape "
+                                   f"{self.shape}; pass grad= with the same shape")
+            g = np.ones(self.shape, dtype=self.dtype)
+        else:
+            g = np.asarray(grad.data if isinstance(grad, Tensor) else grad)
+            if g.shape != self.shape:
+                raise ValueError(f"backward(): grad has shape {g.shape}, tensor has {self.shape}")
+            g = g.astype(self.dtype, copy=False)
+        from .kinks import directional
+
+        directional.resolve_if_needed(self)
+        tape.backward(self, g, retain_graph=retain_graph)
+
+    def _accumulate(self, g: np.ndarray) -> None:
+        if g.shape != self.shape:  # a broadcast view reaching a leaf
+            g = np.broadcast_to(g, self.shape)
+        if self.grad is None:
+            self.grad = np.array(g, dtype=self.dtype, copy=True)
+        else:
+            self.grad += g
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    # -- operators ---------------------------------------------------------------------------
+    def __add__(self, o): return _ops.add(self, o)
+    def __radd__(self, o): return _ops.add(o, self)
+    def __sub__(self, o): return _ops.sub(self, o)
+    def __rsub__(self, o): return _ops.sub(o, self)
+    def __mul__(self, o): return _ops.mul(self, o)
+    def __rmul__(self, o): return _ops.mul(o, self)
+    def __truediv__(self, o): return _ops.div(self, o)
+    def __rtruediv__(self, o): return _ops.div(o, self)
+    def __pow__(self, o): return _ops.pow(self, o)
+    def __rpow__(self, o): return _ops.pow(o, self)
+    def __matmul__(self, o): return _ops.matmul(self, o)
+    def __rmatmul__(self, o): return _ops.matmul(o, self)
+    def __neg__(self): return _ops.neg(self)
+    def __pos__(self): return self
+    def __abs__(self): return _ops.abs(self)
+    def __getitem__(self, index): return _ops.getitem(self, index)
+
+    def _compare(self, o, op):
+        other = o.data if isinstance(o, Tensor) else o
+        return Tensor._wrap(op(self.data, other))
+
+    def __lt__(self, o): return self._compare(o, np.less)
+    def __le__(self, o): return self._compare(o, np.less_equal)
+    def __gt__(self, o): return self._compare(o, np.greater)
+    def __ge__(self, o): return self._compare(o, np.greater_equal)
+    def __eq__(self, o): return self._compare(o, np.equal)  # noqa: D105 - elementwise, as torch
+    def __ne__(self, o): return self._compare(o, np.not_equal)
+    __hash__ = object.__hash__
+
+    def __bool__(self):
+        if self.data.size != 1:
+            raise ValueError(f"truth value of a tensor of shape {self.shape} is ambiguous")
+        return bool(self.data)
+
+    # -- methods mirroring the functions -----------------------------------------------------
+    @property
+    def T(self): return _ops.transpose(self)
+    def sum(self, axis=None, keepdims=False): return _ops.sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return _ops.mean(self, axis, keepdims)
+    def var(self, axis=None, keepdims=False, ddof=0): return _ops.var(self, axis, keepdims, ddof)
+    def max(self, axis=None, keepdims=False, ties=None):
+        return _ops.max(self, axis, keepdims, ties)
+    def min(self, axis=None, keepdims=False, ties=None):
+        return _ops.min(self, axis, keepdims, ties)
+    def reshape(self, *shape): return _ops.reshape(self, *shape)
+    def transpose(self, *axes): return _ops.transpose(self, *axes)
+    permute = transpose
+    def flatten(self, start_dim=0): return _ops.flatten(self, start_dim)
+    def relu(self, at_kink=None): return _ops.relu(self, at_kink)
+    def exp(self): return _ops.exp(self)
+    def log(self): return _ops.log(self)
+    def tanh(self): return _ops.tanh(self)
+    def sigmoid(self): return _ops.sigmoid(self)
+    def sqrt(self): return _ops.sqrt(self)
+    def abs(self, at_kink=None): return _ops.abs(self, at_kink)
+    def clamp(self, min=None, max=None, at_kink=None): return _ops.clamp(self, min, max, at_kink)  # noqa: A002
+
+    def astype(self, dtype) -> "Tensor":
+        """A non-differentiable copy in another format (use ``kp.cast`` to differentiate)."""
+        return Tensor._wrap(self.data.astype(as_dtype(dtype)))
+
+
+def _to_array(data, dtype) -> np.ndarray:
+    if isinstance(data, Tensor):
+        data = data.data
+    if dtype is not None:
+        return np.asarray(data).astype(as_dtype(dtype), copy=False)
+    if isinstance(data, np.ndarray):
+        return data
+    arr = np.asarray(data)
+    if arr.dtype == np.float64:  # Python floats: float32, the default for float data
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
+    """A new leaf tensor. NumPy arrays keep their dtype; Python floats become float32."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
+
+
+def as_tensor(x, like: Tensor | None = None) -> Tensor:
+    """``x`` itself if it is a Tensor; else a constant tensor (scalars take ``like``'s dtype)."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, numbers.Number) and like is not None and is_float(like.dtype):
+        return Tensor._wrap(np.asarray(x, dtype=like.dtype))
+    if isinstance(x, np.ndarray):
+        return Tensor._wrap(x)
+    return Tensor._wrap(_to_array(x, None))
+
+
+def lift_pair(a, b) -> tuple[Tensor, Tensor]:
+    """Two operands as tensors, a Python scalar adopting the other operand's dtype."""
+    if isinstance(a, Tensor):
+        return a, as_tensor(b, like=a)
+    b = as_tensor(b)
+    return as_tensor(a, like=b), b
+
+
+from . import primitives as _ops  # noqa: E402  (primitives import Tensor from this module)
