@@ -9,6 +9,7 @@
 
 from . import precision
 from .autodiff import grad, jvp, value_and_grad, vjp
+from .diagnostics.generalized import check_generalized as check_generalized
 from .kinks import PRESETS, SPECS, conventions, current_policy, kink_policy, parse_policy
 from .kinks.directional import directional_options
 from .precision import bfloat16, float8_e4m3, float8_e5m2, float16, float32, float64

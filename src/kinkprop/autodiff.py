@@ -46,7 +46,7 @@ def _cotangents(out, inputs, argnums, g, retain):
     wrt = [inputs[i] for i in argnums]
     if not out.requires_grad:
         return [np.zeros_like(t.data) for t in wrt]
-    directional.resolve_if_needed(out)
+    directional.resolve_if_needed(out, leaves=wrt)
     found = tape.backward(out, g, retain_graph=retain, inputs=wrt)
     return [np.broadcast_to(found[id(t)], t.shape).copy() if id(t) in found
             else np.zeros_like(t.data) for t in wrt]
@@ -100,7 +100,7 @@ def jvp(f: Callable, primals: Sequence, tangents: Sequence):
         ts[id(t_in)] = tan.astype(t_in.dtype)
     if not out.requires_grad:
         return out.data, np.zeros_like(out.data)
-    directional.resolve_if_needed(out)
+    directional.resolve_if_needed(out, leaves=inputs)
     res = tape.forward_sweep(out, [ts])[0]
     t_out = res.get(id(out))
     return out.data, (np.zeros_like(out.data) if t_out is None else

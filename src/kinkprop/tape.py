@@ -83,20 +83,24 @@ class Hooks:
 
 def toposort(root: "Tensor") -> list["Tensor"]:
     """Tensors reachable from ``root`` through nodes, root first, each after all its consumers."""
-    order, seen = [], {id(root)}
+    order, seen = [], set()
     stack = [(root, False)]
     while stack:
         t, expanded = stack.pop()
         if expanded:
             order.append(t)
             continue
+        # mark on expansion, not on push: a tensor pushed earlier by one consumer but reached again
+        # through a deeper path must finish (post-order) before that deeper consumer does
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
         stack.append((t, True))
         node = t._node
         if node is None:
             continue
         for p in reversed(node.parents):
             if p is not None and id(p) not in seen:
-                seen.add(id(p))
                 stack.append((p, False))
     order.reverse()
     return order

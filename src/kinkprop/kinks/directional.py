@@ -3,19 +3,25 @@
 Method (Kakade & Lee 2018, with lexicographic tie-breaking after Nesterov 2005 and Khan & Barton
 2015). When a forward pass under ``kink_policy("directional")`` hit a kink, ``backward()`` first:
 
-1. draws a direction ``d`` over the differentiated inputs (every leaf that requires grad) from a
-   seeded generator, or takes the directions given in :func:`directional_options`;
+1. draws a direction ``d`` over the differentiated inputs from a seeded generator, or takes the
+   directions given in :func:`directional_options`. The differentiated inputs are ``kp.grad``'s
+   ``argnums`` in order, or, for ``loss.backward()``, every leaf tensor that requires grad;
 2. sweeps the recorded tape forward with tangents along ``d`` (each primitive's JVP, with the primal
    values saved in the forward pass);
 3. at each kink site selects the piece active on ``theta + t d`` as ``t -> 0+``: the sign of the
    tangent for elementwise kinks, the largest tangent among tied inputs for maximum, max reductions
    and max-pool windows. Later sites see the choices made upstream. Where the tangent is exactly 0
-   at a kink, the next direction decides (lexicographic order), up to ``max_directions``;
+   at a kink, the next direction decides (lexicographic order), up to ``max_directions``: a second
+   sweep carries every direction at once, and only runs when the first left a kink tied;
 4. runs the backward sweep through the selected pieces.
 
 The result is ``lim_{t -> 0+} grad f(theta + t d)``: an element of the Bouligand, hence Clarke,
-subdifferential. Elements still tied after every direction are *unresolved*: they are reported in
-:data:`last_report` and with a warning, and take the ``fallback`` preset's value there.
+subdifferential. Elements still tied after every direction are *unresolved*: they are listed in
+:data:`last_report` and announced with an :class:`UnresolvedKinkWarning`, never silently guessed.
+They take the ``fallback`` preset's value at an elementwise kink and an equal split among the inputs
+still tied. (With random directions an element stays tied only if its pieces agree to first order
+along a random direction, which almost surely means they have the same gradient, so the value
+there does not change the result; with explicit directions it may.)
 
 On a forward pass with no kink hit there is no tangent sweep, and the gradient is bitwise the one
 any other policy gives.
@@ -25,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -32,15 +40,21 @@ import numpy as np
 
 from .. import tape
 from .policy import Policy
+from .presets import PRESETS
 from .spec import DIRECTIONAL
+
+
+class UnresolvedKinkWarning(UserWarning):
+    """Kink elements still tied after every direction (see :data:`last_report`)."""
 
 
 @dataclass
 class DirectionalOptions:
     """``seed`` seeds the generator of random directions (drawn fresh each step from it);
-    ``directions`` (a list of lists of arrays, one array per differentiated leaf in tape order, or
-    of dicts keyed by leaf) overrides the random draw; ``max_directions`` bounds the lexicographic
-    refinement; ``fallback`` names the preset whose value unresolved elements take."""
+    ``directions`` (a list of directions; each a list of arrays, one per differentiated input in
+    order, or a dict keyed by input tensor; with one input an array alone will do) overrides the
+    random draw; ``max_directions`` bounds the lexicographic refinement; ``fallback`` names the
+    preset whose value unresolved elementwise kinks take."""
 
     seed: int | None = 0
     max_directions: int = 3
@@ -54,16 +68,26 @@ class DirectionalOptions:
         return self.rng
 
 
-_options: contextvars.ContextVar[DirectionalOptions] = contextvars.ContextVar(
-    "kinkprop_directional", default=DirectionalOptions())
+#: Options outside any ``directional_options`` scope (one generator for the whole process).
+_DEFAULT = DirectionalOptions()
+_options: contextvars.ContextVar[DirectionalOptions | None] = contextvars.ContextVar(
+    "kinkprop_directional", default=None)
 
 
 @contextlib.contextmanager
 def directional_options(**kwargs):
-    """Scope for :class:`DirectionalOptions` (seed, directions, max_directions, fallback)."""
+    """Scope for :class:`DirectionalOptions` (seed, directions, max_directions, fallback).
+
+    Every step resolved in the scope draws its directions from one generator seeded by ``seed``, so
+    a run is reproducible; explicit ``directions`` replace the draw (at most ``max_directions`` of
+    them are used).
+    """
     opts = DirectionalOptions(**kwargs)
     if opts.max_directions < 1:
         raise ValueError("max_directions must be >= 1")
+    if opts.fallback not in PRESETS:
+        raise ValueError(f"fallback must name a preset ({', '.join(PRESETS)}), got "
+                         f"{opts.fallback!r}")
     token = _options.set(opts)
     try:
         yield opts
@@ -71,9 +95,40 @@ def directional_options(**kwargs):
         _options.reset(token)
 
 
+def current_options() -> DirectionalOptions:
+    """The options in force (those of the innermost ``directional_options`` scope)."""
+    opts = _options.get()
+    return _DEFAULT if opts is None else opts
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+@dataclass
+class SiteReport:
+    """One directional kink site that the forward pass hit."""
+
+    name: str  # the site (module path) and primitive, or the primitive and its occurrence number
+    primitive: str
+    kinks: int  # kink elements hit (a tied group counts once)
+    decided: list[int]  # how many of them direction 1, 2, ... decided
+    unresolved: int
+
+    @property
+    def resolved(self) -> int:
+        return self.kinks - self.unresolved
+
+
 @dataclass
 class Report:
-    """What the last resolution did: kink elements hit, resolved, unresolved, directions used."""
+    """What one resolution did (see :data:`last_report`).
+
+    ``sites`` directional sites recorded, ``sites_hit`` of them with a kink element hit; ``kinks``
+    elements hit in all (a tied group counts once), ``resolved`` and ``unresolved`` of them;
+    ``directions`` swept (0: no kink hit, so no sweep ran); ``by_direction`` kink elements that
+    direction 1, 2, ... decided; ``details`` one :class:`SiteReport` per site hit, in forward
+    order; ``unresolved_sites`` the ``(name, count)`` of those left tied.
+    """
 
     sites: int = 0
     kinks: int = 0
@@ -82,10 +137,32 @@ class Report:
     directions: int = 0
     swept: bool = False
     unresolved_sites: list = field(default_factory=list)
+    sites_hit: int = 0
+    by_direction: list = field(default_factory=list)
+    details: list = field(default_factory=list)
+    explicit: bool = False  # directions given by the user rather than drawn
+
+    def __str__(self) -> str:
+        if not self.swept:
+            return (f"directional: no kink hit at {self.sites} site(s); no tangent sweep, the "
+                    "ordinary gradient")
+        source = "given" if self.explicit else "random"
+        by = ", ".join(f"{n} by direction {i + 1}" for i, n in enumerate(self.by_direction) if n)
+        lines = [(f"directional: {self.kinks} kink element(s) hit at {self.sites_hit} of "
+                  f"{self.sites} site(s); {self.resolved} resolved ({by or 'none'}), "
+                  f"{self.unresolved} unresolved; {self.directions} {source} direction(s) swept")]
+        for s in self.details:
+            lines.append(f"  {s.name}: {s.kinks} hit, {s.resolved} resolved"
+                         + (f", {s.unresolved} UNRESOLVED" if s.unresolved else ""))
+        return "\n".join(lines)
 
 
-#: The report of the most recent resolution in this process.
+#: The report of the most recent resolution in this process (read it as
+#: ``kinkprop.kinks.directional.last_report``; ``print`` it for a summary).
 last_report = Report()
+
+
+# -- finding the directional sites -------------------------------------------------------------
 
 
 def _is_directional(choice) -> bool:
@@ -95,76 +172,178 @@ def _is_directional(choice) -> bool:
                                              for c in choice)
 
 
-def _directional_nodes(root):
-    return [t._node for t in tape.toposort(root)
+def _directional_nodes(order):
+    """Unresolved directional nodes, in forward order (``order`` is a toposort, root first)."""
+    return [t._node for t in reversed(order)
             if t._node is not None and t._node.choice is not None
             and _is_directional(t._node.choice) and not t._node.released]
 
 
-def resolve_if_needed(root) -> Report | None:
-    """Resolve the directional kink nodes recorded under ``root`` (called by ``backward``)."""
-    nodes = _directional_nodes(root)
+def site_names(nodes) -> dict[int, str]:
+    """A readable name for each kink node: ``site:primitive`` inside a named site (``kp.nn``),
+    else ``primitive#k`` for the k-th application of that primitive in forward order."""
+    names, seen = {}, {}
+    for node in nodes:
+        name = node.prim.name
+        if node.site:
+            base = f"{node.site}:{name}"
+        else:
+            k = seen.get(name, 0)
+            seen[name] = k + 1
+            base = f"{name}#{k}"
+        names[id(node)] = base
+    return names
+
+
+def resolve_if_needed(root, leaves=None) -> Report | None:
+    """Resolve the directional kink nodes recorded under ``root`` (called by ``backward`` and by
+    :mod:`kinkprop.autodiff`, which passes its differentiated inputs as ``leaves``)."""
+    order = tape.toposort(root)
+    nodes = _directional_nodes(order)
     if not nodes:
         return None
-    return resolve(root, nodes)
+    return resolve(root, nodes, leaves=leaves, order=order)
 
 
-def resolve(root, nodes=None) -> Report:
-    """Select, at every directional kink node under ``root``, the piece active along a direction."""
+# -- resolution --------------------------------------------------------------------------------
+
+
+def resolve(root, nodes=None, leaves=None, order=None) -> Report:
+    """Select, at every directional kink node under ``root``, the piece active along a direction.
+
+    ``leaves`` are the differentiated inputs the directions live on (default: every leaf under
+    ``root`` that requires grad, in the order a depth-first walk from ``root`` meets them,
+    arguments left to right); other leaves stay still. Sets :data:`last_report` and returns it.
+    """
     global last_report
-    opts = _options.get()
-    nodes = _directional_nodes(root) if nodes is None else nodes
+    opts = current_options()
+    order = tape.toposort(root) if order is None else order
+    nodes = _directional_nodes(order) if nodes is None else nodes
     fallback = Policy.from_preset(opts.fallback)
+    names = site_names(nodes)
     report = Report(sites=len(nodes))
-    hit_nodes = []
+    hit: dict[int, int] = {}
     for node in nodes:
         n = node.prim.hits(node.res)
-        report.kinks += n
         if n:
-            hit_nodes.append(node)
-        else:  # nothing on a kink: any value gives the same result; use the fallback's
+            hit[id(node)] = n
+        else:  # nothing on a kink: every value gives the same result; take the fallback's
             node.choice = _fallback(node, fallback)
-    if not hit_nodes:
+    report.kinks = sum(hit.values())
+    report.sites_hit = len(hit)
+    if not hit:
         last_report = report
         return report
 
-    leaves = [t for t in tape.toposort(root) if t._node is None and t.requires_grad]
-    directions = _directions(opts, leaves)
-    report.directions = len(directions)
+    if leaves is None:
+        leaves = [t for t in reversed(order) if t._node is None and t.requires_grad]
+    source = _Directions(opts, leaves)
+    report.explicit = opts.directions is not None
+    hit_nodes = [node for node in nodes if id(node) in hit]
+
+    # first sweep with one direction; a second with all of them only if a kink stayed tied
+    n_dirs = 1
+    while True:
+        dirs = source.take(n_dirs)
+        stats = _sweep(root, leaves, dirs, hit_nodes, fallback)
+        left = sum(s[1] for s in stats.values())
+        more = min(opts.max_directions, source.available(opts.max_directions))
+        if left == 0 or len(dirs) >= more:
+            break
+        n_dirs = more
+
+    report.directions = len(dirs)
     report.swept = True
-    pending = {id(n) for n in hit_nodes}
-
-    def on_kink(node, ts_dirs):
-        if id(node) not in pending:
-            return node.choice
-        choice, unresolved = node.prim.select(ts_dirs, node.res)
-        k = int(np.count_nonzero(unresolved))
-        if k:
-            report.unresolved += k
-            report.unresolved_sites.append((node.site or node.prim.name, k))
-            choice = _patch_unresolved(node, choice, unresolved, fallback)
-        return choice
-
-    tape.forward_sweep(root, [{id(t): d for t, d in zip(leaves, ds)} for ds in directions],
-                       on_kink=on_kink)
+    report.by_direction = [0] * len(dirs)
+    for node in hit_nodes:
+        counts, unresolved = stats[id(node)]
+        decided, prev = [], hit[id(node)]
+        for c in counts:
+            decided.append(prev - c)
+            prev = c
+        for i, k in enumerate(decided):
+            report.by_direction[i] += k
+        report.details.append(SiteReport(names[id(node)], node.prim.name, hit[id(node)], decided,
+                                         unresolved))
+        if unresolved:
+            report.unresolved_sites.append((names[id(node)], unresolved))
+    report.unresolved = sum(s.unresolved for s in report.details)
     report.resolved = report.kinks - report.unresolved
     if report.unresolved:
+        source_txt = "given" if report.explicit else "random"
         warnings.warn(
             f"directional policy: {report.unresolved} kink element(s) still tied after "
-            f"{len(directions)} direction(s) at {report.unresolved_sites}; they take the "
-            f"{opts.fallback!r} preset's value (raise max_directions to refine)", stacklevel=3)
+            f"{len(dirs)} {source_txt} direction(s) at {report.unresolved_sites}; elementwise "
+            f"kinks there take the {opts.fallback!r} preset's value and ties split equally "
+            "(with random directions the tied pieces agree to first order, so almost surely this "
+            "does not change the gradient; give more directions to refine)",
+            UnresolvedKinkWarning, stacklevel=_user_stacklevel())
     last_report = report
     return report
 
 
+def _sweep(root, leaves, dirs, hit_nodes, fallback) -> dict[int, tuple[list[int], int]]:
+    """One tangent sweep along ``dirs``; selects at the hit nodes. Returns, per node, the count
+    of elements still tied after each prefix of the directions, and the final count."""
+    pending = {id(n) for n in hit_nodes}
+    stats: dict[int, tuple[list[int], int]] = {}
+
+    def on_kink(node, ts_dirs):
+        if id(node) not in pending:
+            return node.choice
+        return _select(node, ts_dirs, stats, fallback)
+
+    tangents = [{id(t): d for t, d in zip(leaves, ds)} for ds in dirs]
+    tape.forward_sweep(root, tangents, on_kink=on_kink)
+    for node in hit_nodes:  # no tangent reached it (it depends on no differentiated input)
+        if id(node) not in stats:
+            zeros = [None if p is None else np.zeros(p.shape) for p in node.parents]
+            node.choice = _select(node, [zeros] * len(dirs), stats, fallback)
+    return stats
+
+
+def _select(node, ts_dirs, stats, fallback):
+    """The node's choice along the directions; records how many elements each prefix left tied
+    (later directions are consulted only while some element is still tied)."""
+    counts = []
+    for k in range(1, len(ts_dirs) + 1):
+        choice, unresolved = node.prim.select(ts_dirs[:k], node.res)
+        counts.append(int(np.count_nonzero(unresolved)))
+        if not counts[-1]:
+            break
+    counts += [0] * (len(ts_dirs) - len(counts))
+    stats[id(node)] = (counts, counts[-1])
+    if counts[-1]:
+        choice = _patch_unresolved(node, choice, unresolved, fallback)
+    return choice
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a warning raised by the caller: the first frame outside kinkprop."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _slope(node):
+    res = node.res
+    if isinstance(res, tuple) and len(res) == 2 and isinstance(res[1], dict):
+        return res[1].get("slope")
+    return None
+
+
 def _fallback(node, fallback: Policy):
     spec = node.prim.kink
-    return spec.resolve(fallback[spec.name])
+    return spec.resolve(fallback[spec.name], _slope(node))
 
 
 def _patch_unresolved(node, choice, unresolved, fallback):
     """Unresolved elements of an elementwise kink take the fallback value; for ties the selector
-    already split the gradient equally among the remaining tied inputs (reported, not hidden)."""
+    already split the gradient equally among the inputs still tied (reported, not hidden)."""
     spec = node.prim.kink
     if spec.kind == "ties":
         return choice
@@ -174,20 +353,55 @@ def _patch_unresolved(node, choice, unresolved, fallback):
     return tuple(np.where(unresolved, v, c) for v, c in zip(value, choice))
 
 
-def _directions(opts: DirectionalOptions, leaves) -> list[list[np.ndarray]]:
-    if opts.directions is not None:
-        dirs = []
-        for d in opts.directions[:opts.max_directions]:
-            if isinstance(d, dict):
-                d = [d[leaf] if leaf in d else d[id(leaf)] for leaf in leaves]
-            if len(d) != len(leaves):
-                raise ValueError(f"a direction needs one array per differentiated input "
-                                 f"({len(leaves)}), got {len(d)}")
-            dirs.append([np.asarray(a, dtype=np.float64).reshape(leaf.shape).astype(
-                leaf.dtype if leaf.dtype.itemsize >= 4 else np.float32)
-                for a, leaf in zip(d, leaves)])
-        return dirs
-    rng = opts.generator()
-    return [[rng.standard_normal(leaf.shape).astype(leaf.dtype if leaf.dtype.itemsize >= 4
-                                                     else np.float32) for leaf in leaves]
-            for _ in range(opts.max_directions)]
+# -- directions --------------------------------------------------------------------------------
+
+
+class _Directions:
+    """Directions over ``leaves``: the given ones, or random ones drawn (lazily) from the
+    options' generator."""
+
+    def __init__(self, opts: DirectionalOptions, leaves):
+        self.opts = opts
+        self.leaves = leaves
+        self.drawn: list[list[np.ndarray]] = []
+        self.given = None if opts.directions is None else list(opts.directions)
+        if self.given is not None and not self.given:
+            raise ValueError("directional_options: directions is empty")
+
+    def available(self, n: int) -> int:
+        return n if self.given is None else min(n, len(self.given))
+
+    def take(self, n: int) -> list[list[np.ndarray]]:
+        if self.given is not None:
+            return [self._convert(d) for d in self.given[:n]]
+        rng = self.opts.generator()
+        while len(self.drawn) < n:
+            self.drawn.append([rng.standard_normal(leaf.shape).astype(_tangent_dtype(leaf))
+                               for leaf in self.leaves])
+        return self.drawn[:n]
+
+    def _convert(self, d) -> list[np.ndarray]:
+        leaves = self.leaves
+        if isinstance(d, dict):
+            by_id = {id(k) if not isinstance(k, int) else k: v for k, v in d.items()}
+            unknown = set(by_id) - {id(leaf) for leaf in leaves}
+            if unknown:
+                raise ValueError("a direction names a tensor that is not a differentiated input")
+            d = [by_id.get(id(leaf), np.zeros(leaf.shape)) for leaf in leaves]
+        elif not isinstance(d, (list, tuple)):
+            d = [d]  # one input: the array alone
+        if len(d) != len(leaves):
+            raise ValueError(f"a direction needs one array per differentiated input "
+                             f"({len(leaves)}), got {len(d)}")
+        out = []
+        for a, leaf in zip(d, leaves):
+            a = np.asarray(a.data if hasattr(a, "_node") else a, dtype=np.float64)
+            if a.size != leaf.size:
+                raise ValueError(f"a direction's array has shape {a.shape}, its input has "
+                                 f"{leaf.shape}")
+            out.append(a.reshape(leaf.shape).astype(_tangent_dtype(leaf)))
+        return out
+
+
+def _tangent_dtype(leaf):
+    return leaf.dtype if leaf.dtype.itemsize >= 4 else np.float32

@@ -245,7 +245,7 @@ def _max_pool_select(ts_dirs, res):
         t = np.where(winners, np.stack([tp[sl] for _, sl in geo.offsets()], axis=-1), -np.inf)
         winners &= t == t.max(axis=-1, keepdims=True)
     count = winners.sum(axis=-1, keepdims=True)
-    return winners / count, winners & (count > 1)
+    return winners / count, count[..., 0] > 1  # one flag per tied window, as hits() counts
 
 
 def _max_pool_hits(res):

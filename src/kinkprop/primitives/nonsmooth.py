@@ -55,13 +55,19 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
         values = choice
         if SPECS[kink].kind == "value" or isinstance(choice, str):
             values = (choice,) * len(SPECS[kink].kinks)
+        done = None
         for loc, v in zip(locations(**p), values):
             if loc is None:
                 continue
             hit = x == loc
             if hit.any():
                 _check_resolved(name, v)
+                if done is not None and (hit & done).any():
+                    # coinciding kinks (clamp with min = max) compose as min(max(x, lo), hi)
+                    # does: their values multiply
+                    v = np.where(done, d * v, v)
                 np.copyto(d, v, where=hit, casting="unsafe")
+                done = hit if done is None else done | hit
         return d
 
     def vjp(g, res, needs, choice):
@@ -105,7 +111,8 @@ _LOCATIONS = {
     "l1_loss": lambda: (0.0,),
     "relu6": lambda: (0.0, 6.0),
     "hardtanh": lambda lo, hi: (lo, hi),
-    "clamp": lambda lo, hi: (lo, hi),
+    # min > max: the output is the constant max, no kink to write (as PyTorch, 0 everywhere)
+    "clamp": lambda lo, hi: (None, None) if None not in (lo, hi) and lo > hi else (lo, hi),
 }
 
 _relu = _elementwise_kink(
@@ -156,6 +163,8 @@ def relu6(x, at_kink=None) -> Tensor:
 def hardtanh(x, min_val: float = -1.0, max_val: float = 1.0, at_kink=None) -> Tensor:
     """min(max(x, min_val), max_val). ``at_kink = (at min_val, at max_val)``: PyTorch (0, 0), JAX
     and TensorFlow (1, 1)."""
+    if min_val > max_val:
+        raise ValueError(f"hardtanh: min_val {min_val} must not exceed max_val {max_val}")
     return apply(_hardtanh, (as_tensor(x),), {"lo": float(min_val), "hi": float(max_val)},
                  choice=choose("hardtanh", at_kink))
 
@@ -186,15 +195,19 @@ def _clamp_tensor_fwd(x, lo, hi):
 
 
 def _clamp_tensor_weights(res, choice):
+    """Weights of (x, lo, hi), composed as the forward computes min(max(x, lo), hi): max(x, lo)
+    gives x the share ``a`` (``at_low`` where x = lo), then min(., hi) gives that the share ``b``
+    (``at_high`` where it equals hi) and hi the rest. So x = lo = hi gives x at_low * at_high
+    (never their sum), and lo > hi (the output is hi) sends everything to hi, as PyTorch does."""
     x, lo, hi = res
     v_lo, v_hi = (choice, choice) if isinstance(choice, str) else choice
-    at_lo, at_hi = x == lo, x == hi
+    m = np.maximum(x, lo)
+    at_lo, at_hi = x == lo, m == hi
     if at_lo.any() or at_hi.any():
         _check_resolved("clamp", v_lo)
-    wx = ((x > lo) & (x < hi)) + v_lo * at_lo + v_hi * at_hi
-    wlo = (x < lo) + (1.0 - v_lo) * at_lo
-    whi = (x > hi) + (1.0 - v_hi) * at_hi
-    return wx, wlo, whi
+    a = (x > lo) + v_lo * at_lo
+    b = (m < hi) + v_hi * at_hi
+    return a * b, (1.0 - a) * b, 1.0 - b
 
 
 def _clamp_tensor_vjp(g, res, needs, choice):
@@ -271,7 +284,8 @@ def _pairwise(name, kink, f, wins):
         shape = np.broadcast_shapes(a.shape, b.shape)
         diff = lex_first_nonzero(ts_dirs, lambda ts: np.broadcast_to(
             tangent(ts, 0, a) - tangent(ts, 1, b), shape))
-        sa = wins(diff, -diff).astype(a.dtype)
+        # still tied along every direction: an equal split (reported as unresolved)
+        sa = np.where(diff == 0, 0.5, wins(diff, -diff)).astype(a.dtype)
         return (sa, 1.0 - sa), (a == b) & (diff == 0)
 
     return register(name, forward, vjp, jvp, kink=kink, hits=hits, select=select)
@@ -338,7 +352,8 @@ def _reduction(name, reduce):
     def jvp(ts, res, choice):
         x, ans_k, axis, keepdims = res
         out = (_reduction_weights(x, ans_k, axis, choice) * ts[0]).sum(axis=axis, keepdims=True)
-        return out if keepdims else out.reshape(ans_k.shape if axis is None else
+        # the output of a full reduction is 0-d, not ans_k's (1, ..., 1)
+        return out if keepdims else out.reshape(() if axis is None else
                                                 np.squeeze(ans_k, axis).shape)
 
     def hits(res):
@@ -355,7 +370,7 @@ def _reduction(name, reduce):
             t = np.where(winners, sign * tangent(ts, 0, x), -np.inf)
             winners &= t == t.max(axis=axis, keepdims=True)
         count = winners.sum(axis=axis, keepdims=True)
-        return winners / count, winners & (count > 1)
+        return winners / count, count > 1  # one flag per tied group, as hits() counts
 
     return register(name, forward, vjp, jvp, kink=name, hits=hits, select=select)
 

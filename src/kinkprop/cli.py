@@ -1,0 +1,127 @@
+"""``kinkprop`` command line (click)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .precision import PRECISIONS
+
+
+class _Error(click.ClickException):
+    def show(self, file=None):
+        click.echo(f"kinkprop: error: {self.message}", err=True)
+
+
+def _fail(e: Exception):
+    raise _Error(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kinkprop")
+def main():
+    """Backpropagation through non-smooth networks, every kink an explicit, recorded choice."""
+
+
+@main.command()
+def conventions():
+    """Print the table of non-smooth primitives x framework presets (from the registry)."""
+    from .kinks import conventions as table
+
+    table()
+
+
+@main.command()
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=200, show_default=True)
+def demo(seed, steps):
+    """Train a tiny ReLU network with backprop and print loss and gradient facts."""
+    from .demo import run_demo
+
+    run_demo(seed=seed, steps=steps)
+
+
+def _csv_ints(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@main.command()
+@click.option("--dataset", default="fashion-mnist", show_default=True,
+              help="fashion-mnist, mnist1d, digits, mnist, kmnist")
+@click.option("--data-dir", default=None, help="directory of IDX files (fashion-mnist / mnist / "
+              "kmnist), or the cache directory for mnist1d")
+@click.option("--model", default="mlp", show_default=True, help="mlp, lenet, convnet")
+@click.option("--widths", default=None, callback=_csv_ints,
+              help="hidden widths of the mlp, e.g. 256,128,100")
+@click.option("--batch-norm/--no-batch-norm", default=False, show_default=True)
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--optimizer", default="sgd", show_default=True, help="sgd, adam, adamw")
+@click.option("--lr", default=0.1, show_default=True)
+@click.option("--momentum", default=0.0, show_default=True)
+@click.option("--nesterov/--no-nesterov", default=False)
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--schedule", default="none", show_default=True, help="none, step, cosine")
+@click.option("--precision", default="fp32", show_default=True,
+              help=", ".join(PRECISIONS))
+@click.option("--kink-policy", default="pytorch", show_default=True,
+              help="a preset (pytorch, pytorch-2.14, jax, tensorflow, directional) and/or "
+                   "overrides, e.g. 'relu=1.0' or 'jax,max_pool2d=split'")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--train-subset", default=None, type=int, help="use only the first N training "
+              "samples")
+@click.option("--test-subset", default=None, type=int)
+@click.option("--out", default=None, help="run directory: config, metrics.jsonl, checkpoint, "
+              "summary")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint")
+@click.option("--force", is_flag=True, help="overwrite an existing run in --out")
+@click.option("--progress/--no-progress", default=None, help="progress bar (default: on a TTY)")
+def train(widths, out, resume, force, progress, **options):
+    """Train a model on a dataset and report per-epoch metrics."""
+    from .data import DataError
+    from .train import TrainConfig, Trainer, TrainingError
+
+    if widths is not None:
+        options["widths"] = widths
+    if resume and force:
+        _fail(ValueError("--resume and --force exclude each other"))
+    if resume and out is None:
+        _fail(ValueError("--resume needs --out DIR"))
+    try:
+        config = TrainConfig(**options)
+        trainer = Trainer(config, out=out, resume=resume, force=force, progress=progress)
+        summary = trainer.run()
+    except KeyboardInterrupt as e:
+        click.echo(f"kinkprop: {e}" if str(e) else "kinkprop: interrupted", err=True)
+        sys.exit(130)
+    except (ValueError, FileExistsError, DataError, TrainingError) as e:
+        _fail(e)
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--data-dir", default=None)
+@click.option("--batch-size", default=1000, show_default=True)
+def evaluate(checkpoint, data_dir, batch_size):
+    """Evaluate a training checkpoint on its dataset's test split."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .train import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(checkpoint, data_dir, batch_size)
+    except (ValueError, CheckpointError, DataError, KeyError) as e:
+        _fail(e)
+    click.echo(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Diagnostics: gradient checks (finite differences in both modes, the adjoint identity)."""
+
+from .generalized import GeneralizedCheck as GeneralizedCheck
+from .generalized import check_generalized as check_generalized
+from .gradcheck import Comparison, GradcheckError, GradcheckReport, check_adjoint, check_grad
+
+__all__ = ["check_grad", "check_adjoint", "GradcheckError", "GradcheckReport", "Comparison"]

@@ -1,0 +1,152 @@
+"""SGD (momentum, Nesterov, weight decay), Adam and AdamW, with PyTorch's update formulas.
+
+Updates run in place through per-parameter scratch buffers allocated once, so a step makes no fresh
+temporaries per parameter. Low-precision parameters (float16, bfloat16) follow the engine's rounding
+contract: the update is computed in float32 and the result rounded to the parameter's format; the
+optimizer state (momentum, moments) is kept in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..precision import LOW_PRECISION, float32
+
+
+class Optimizer:
+    def __init__(self, params, lr: float):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
+        if not (lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"{type(self).__name__}: lr must be a finite number >= 0, got {lr}")
+        self.lr = float(lr)
+        self.steps = 0
+        self._state: dict[str, list[np.ndarray]] = {}
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _buffers(self, name: str) -> list[np.ndarray]:
+        """A zero-initialised float buffer per parameter (float32 for low-precision ones)."""
+        if name not in self._state:
+            self._state[name] = [np.zeros(p.shape, _work_dtype(p.dtype)) for p in self.params]
+        return self._state[name]
+
+    def step(self) -> None:
+        self.steps += 1
+        scratch = self._buffers("_scratch")
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            low = p.dtype in LOW_PRECISION
+            w = p.data.astype(float32) if low else p.data
+            g = scratch[i]
+            np.copyto(g, p.grad, casting="unsafe")
+            self._update(i, w, g)
+            if low:
+                p.data[...] = w
+
+    def _update(self, i: int, w: np.ndarray, g: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = {f"{name}.{i}": b.copy() for name, bufs in self._state.items()
+               if not name.startswith("_") for i, b in enumerate(bufs)}
+        out["steps"] = np.asarray(self.steps)
+        out["lr"] = np.asarray(self.lr)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            if key in ("steps", "lr"):
+                continue
+            name, i = key.rsplit(".", 1)
+            bufs = self._buffers(name)
+            if int(i) >= len(bufs) or bufs[int(i)].shape != np.shape(value):
+                raise ValueError(f"optimizer state {key} of shape {np.shape(value)} does not "
+                                 "match the parameters")
+            bufs[int(i)][...] = value
+        self.steps = int(state["steps"])
+        self.lr = float(state["lr"])
+
+
+def _work_dtype(dtype):
+    return float32 if dtype in LOW_PRECISION else dtype
+
+
+class SGD(Optimizer):
+    """PyTorch's SGD: g += wd * w; buf = momentum * buf + (1 - dampening) * g (buf = g at the
+    first step); g = g + momentum * buf if nesterov else buf; w -= lr * g."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, dampening: float = 0.0):
+        super().__init__(params, lr)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("SGD: Nesterov momentum needs momentum > 0 and dampening = 0")
+        self.momentum, self.nesterov = momentum, nesterov
+        self.weight_decay, self.dampening = weight_decay, dampening
+
+    def _update(self, i, w, g):
+        if self.weight_decay:
+            g += self.weight_decay * w
+        if self.momentum:
+            buf = self._buffers("momentum")[i]
+            if self.steps == 1:
+                buf[...] = g
+            else:
+                buf *= self.momentum
+                buf += (1 - self.dampening) * g
+            if self.nesterov:
+                g += self.momentum * buf
+            else:
+                g = buf
+        w -= self.lr * g
+
+
+class Adam(Optimizer):
+    """PyTorch's Adam: m, v moving averages; w -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps);
+    ``weight_decay`` adds wd * w to the gradient (L2), unlike AdamW."""
+
+    decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, lr)
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay = eps, weight_decay
+
+    def _update(self, i, w, g):
+        if self.weight_decay:
+            if self.decoupled:
+                w *= 1 - self.lr * self.weight_decay
+            else:
+                g += self.weight_decay * w
+        m, v = self._buffers("exp_avg")[i], self._buffers("exp_avg_sq")[i]
+        m *= self.beta1
+        m += (1 - self.beta1) * g
+        v *= self.beta2
+        np.multiply(g, g, out=g)
+        g *= 1 - self.beta2
+        v += g
+        bc1 = 1 - self.beta1 ** self.steps
+        bc2_sqrt = math.sqrt(1 - self.beta2 ** self.steps)
+        np.sqrt(v, out=g)  # g is free now: reuse it as the denominator
+        g /= bc2_sqrt
+        g += self.eps
+        np.divide(m, g, out=g)
+        g *= self.lr / bc1
+        w -= g
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: w *= 1 - lr * wd before the Adam step (default wd 0.01)."""
+
+    decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        super().__init__(params, lr, betas, eps, weight_decay)

@@ -1,0 +1,347 @@
+"""Training loop behind ``kinkprop train``: metrics, atomic checkpoints, resume, clean stops.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoint.npz``
+(written at the end of each epoch and on interrupt) and ``summary.json``. ``resume`` continues from
+the checkpoint, mid-epoch included, and gives the same result as an uninterrupted run: the
+checkpoint keeps the data order's generator state at the start of the epoch and the number of
+batches done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import nn
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import DataLoader, load_dataset
+from .kinks.policy import kink_policy, parse_policy
+from .optim import OPTIMIZERS, CosineAnnealingLR, StepLR
+from .precision import PRECISIONS, as_dtype
+from .primitives import cross_entropy
+from .tape import no_grad
+from .tensor import Tensor
+
+SCHEDULES = ("none", "step", "cosine")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: the message says why and what was kept."""
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    model: str = "mlp"
+    widths: tuple = (256, 128, 100)
+    batch_norm: bool = False
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "none"
+    precision: str = "fp32"
+    kink_policy: str = "pytorch"
+    seed: int = 0
+    train_subset: int | None = None
+    test_subset: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.model not in nn.MODELS:
+            raise ValueError(f"unknown model {self.model!r}; valid: {', '.join(nn.MODELS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: "
+                             f"{', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; valid: "
+                             f"{', '.join(PRECISIONS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch size must be >= 1")
+        parse_policy(self.kink_policy)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {sorted(known)}")
+        d = dict(d)
+        if "widths" in d:
+            d["widths"] = tuple(d["widths"])
+        return cls(**d)
+
+
+def build(config: TrainConfig, dataset=None):
+    """Dataset, model, optimizer and schedule for a config."""
+    data = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+    opts = {"batch_norm": config.batch_norm}
+    if config.model == "mlp":
+        opts["widths"] = tuple(config.widths)
+    model = nn.build_model(config.model, data.input_shape, data.num_classes, seed=config.seed,
+                           dtype=as_dtype(config.precision), **opts)
+    kwargs = {"weight_decay": config.weight_decay}
+    if config.optimizer == "sgd":
+        kwargs.update(momentum=config.momentum, nesterov=config.nesterov)
+    optimizer = OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr, **kwargs)
+    schedule = None
+    if config.schedule == "step":
+        schedule = StepLR(optimizer, step_size=max(1, config.epochs // 3), gamma=0.1)
+    elif config.schedule == "cosine":
+        schedule = CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return data, model, optimizer, schedule
+
+
+def _subset(x, y, n):
+    return (x, y) if n is None else (x[:n], y[:n])
+
+
+def evaluate(model, x, y, batch_size: int = 1000, dtype=None) -> dict:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y), in eval mode, without a tape."""
+    was_training = model.training
+    model.eval()
+    dtype = dtype or model.parameters()[0].dtype
+    total, correct, n = 0.0, 0, 0
+    with no_grad():
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            logits = model(Tensor(xb.astype(dtype)))
+            total += float(cross_entropy(logits, yb).data) * len(xb)
+            correct += int((logits.data.astype(np.float32).argmax(axis=1) == yb).sum())
+            n += len(xb)
+    model.train(was_training)
+    return {"loss": total / n, "acc": correct / n}
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop stops after the step in progress, saving first."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self._old = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+class Trainer:
+    """Runs a config into a run directory (``out``); see the module docstring."""
+
+    def __init__(self, config: TrainConfig, out=None, resume: bool = False, force: bool = False,
+                 progress: bool | None = None, dataset=None, log=print):
+        config.validate()
+        self.config, self.log = config, log
+        self.out = Path(out) if out is not None else None
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        if self.out is not None:
+            self._prepare_out(resume, force)
+        self.data, self.model, self.optimizer, self.schedule = build(config, dataset)
+        self.dtype = as_dtype(config.precision)
+        self.policy = parse_policy(config.kink_policy)
+        self.x_train, self.y_train = _subset(self.data.x_train, self.data.y_train,
+                                             config.train_subset)
+        self.x_test, self.y_test = _subset(self.data.x_test, self.data.y_test, config.test_subset)
+        self.loader = DataLoader(self.x_train, self.y_train, config.batch_size, shuffle=True,
+                                 seed=config.seed)
+        self.epoch, self.step_in_epoch, self.history = 0, 0, []
+        self.epoch_start_state = self.loader.state
+        self.partial = {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0}
+        self.losses: list[float] = []
+        self.callbacks: list = []
+        if resume and self.checkpoint_path.exists():
+            self._load()
+
+    # -- run directory -----------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.npz"
+
+    def _prepare_out(self, resume, force):
+        cfg_path = self.out / "config.json"
+        if cfg_path.exists():
+            if resume:
+                saved = json.loads(cfg_path.read_text())
+                if saved != self.config.to_json():
+                    diff = {k: (saved.get(k), v) for k, v in self.config.to_json().items()
+                            if saved.get(k) != v}
+                    raise ValueError(f"--resume: {self.out} holds a run with a different config "
+                                     f"(saved vs given: {diff}); resume with the same options")
+            elif not force:
+                raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue "
+                                      "it or --force to overwrite it")
+            else:
+                for name in ("checkpoint.npz", "metrics.jsonl", "summary.json"):
+                    (self.out / name).unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        cfg_path.write_text(json.dumps(self.config.to_json(), indent=2))
+
+    def _meta(self) -> dict:
+        return {"kind": "kinkprop-train", "version": 1, "config": self.config.to_json(),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "epoch_start_state": self.epoch_start_state, "history": self.history,
+                "partial": self.partial, "losses": self.losses}
+
+    def save(self) -> None:
+        sched = {} if self.schedule is None else {
+            k: np.asarray(v) for k, v in self.schedule.state_dict().items()}
+        save_checkpoint(self.checkpoint_path, self._meta(), model=self.model.state_dict(),
+                        optim=self.optimizer.state_dict(), sched=sched)
+
+    def _load(self) -> None:
+        meta, groups = load_checkpoint(self.checkpoint_path)
+        self.model.load_state_dict(groups.get("model", {}))
+        self.optimizer.load_state_dict(groups.get("optim", {}))
+        if self.schedule is not None and groups.get("sched"):
+            self.schedule.load_state_dict({k: v.item() for k, v in groups["sched"].items()})
+        self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
+        self.epoch_start_state = meta["epoch_start_state"]
+        self.history, self.partial, self.losses = meta["history"], meta["partial"], meta["losses"]
+        self.log(f"resuming {self.out} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
+
+    # -- training ------------------------------------------------------------------------------
+    def train_step(self, xb, yb) -> tuple[float, int]:
+        self.optimizer.zero_grad()
+        logits = self.model(Tensor(xb.astype(self.dtype, copy=False)))
+        loss = cross_entropy(logits, yb)
+        value = float(loss.data)
+        if not math.isfinite(value):
+            raise FloatingPointError(value)
+        loss.backward()
+        for cb in self.callbacks:
+            cb(self, loss)
+        self.optimizer.step()
+        correct = int((logits.data.astype(np.float32).argmax(axis=1) == yb).sum())
+        return value, correct
+
+    def run(self) -> dict:
+        with kink_policy(self.policy), _StopFlag() as stop:
+            while self.epoch < self.config.epochs:
+                self._run_epoch(stop)
+        summary = self._summary()
+        if self.out is not None:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _run_epoch(self, stop) -> None:
+        cfg = self.config
+        self.loader.state = self.epoch_start_state
+        batches = iter(self.loader)
+        for _ in range(self.step_in_epoch):  # resumed mid-epoch: skip the batches already done
+            next(batches)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.loader), initial=self.step_in_epoch, leave=False,
+                       desc=f"epoch {self.epoch + 1}/{cfg.epochs}")
+        self.model.train()
+        t0 = time.perf_counter()
+        for xb, yb in batches:
+            try:
+                value, correct = self.train_step(xb, yb)
+            except FloatingPointError as e:
+                kept = (f"the last good checkpoint is {self.checkpoint_path} (epoch "
+                        f"{self.epoch}, step {self.step_in_epoch})"
+                        if self.out is not None and self.checkpoint_path.exists()
+                        else "no checkpoint was written")
+                raise TrainingError(
+                    f"non-finite loss ({e}) at epoch {self.epoch + 1}, step "
+                    f"{self.step_in_epoch + 1}; training stopped, {kept}. Lower --lr or use a "
+                    "wider precision") from None
+            self.step_in_epoch += 1
+            self.losses.append(value)
+            p = self.partial
+            p["loss"] += value * len(xb)
+            p["correct"] += correct
+            p["n"] += len(xb)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{p['loss'] / p['n']:.4f}", acc=f"{p['correct'] / p['n']:.3f}")
+            if stop.signal is not None:
+                self.partial["seconds"] += time.perf_counter() - t0
+                if bar is not None:
+                    bar.close()
+                if self.out is not None:
+                    self.save()
+                    where = f"checkpoint saved to {self.checkpoint_path}; continue with --resume"
+                else:
+                    where = "no --out, nothing saved"
+                raise KeyboardInterrupt(f"stopped by signal {stop.signal} at epoch "
+                                        f"{self.epoch + 1}, step {self.step_in_epoch}; {where}")
+        if bar is not None:
+            bar.close()
+        p = self.partial
+        p["seconds"] += time.perf_counter() - t0
+        test = evaluate(self.model, self.x_test, self.y_test, dtype=self.dtype)
+        record = {"epoch": self.epoch + 1, "train_loss": p["loss"] / max(p["n"], 1),
+                  "train_acc": p["correct"] / max(p["n"], 1), "test_loss": test["loss"],
+                  "test_acc": test["acc"], "seconds": p["seconds"], "lr": self.optimizer.lr}
+        self.history.append(record)
+        self.log(f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} "
+                 f"acc {record['train_acc']:.4f}  test loss {record['test_loss']:.4f} "
+                 f"acc {record['test_acc']:.4f}  {record['seconds']:.1f}s")
+        if self.schedule is not None:
+            self.schedule.step()
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_start_state = self.loader.state
+        self.partial = {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0}
+        if self.out is not None:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.save()
+
+    def _summary(self) -> dict:
+        last = self.history[-1] if self.history else {}
+        return {"config": self.config.to_json(), "epochs": len(self.history),
+                "final_test_acc": last.get("test_acc"), "final_test_loss": last.get("test_loss"),
+                "best_test_acc": max((h["test_acc"] for h in self.history), default=None),
+                "seconds": sum(h["seconds"] for h in self.history), "history": self.history}
+
+
+def evaluate_checkpoint(path, data_dir=None, batch_size: int = 1000) -> dict:
+    """Rebuild the model recorded in a checkpoint and evaluate it on its dataset's test split."""
+    meta, groups = load_checkpoint(path)
+    if meta.get("kind") != "kinkprop-train":
+        raise ValueError(f"{path}: not a kinkprop training checkpoint")
+    config = TrainConfig.from_json(meta["config"])
+    if data_dir is not None:
+        config.data_dir = data_dir
+    data, model, _, _ = build(config)
+    model.load_state_dict(groups["model"])
+    x, y = _subset(data.x_test, data.y_test, config.test_subset)
+    with kink_policy(parse_policy(config.kink_policy)):
+        result = evaluate(model, x, y, batch_size, dtype=as_dtype(config.precision))
+    return {"checkpoint": str(path), "epoch": meta["epoch"], "dataset": config.dataset,
+            "model": config.model, "test_loss": result["loss"], "test_acc": result["acc"]}
