@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -144,8 +144,12 @@ case("sub", _binary(kp.sub))
 case("mul", _binary(kp.mul))
 case("div", _binary(kp.div, db=_away_from_zero))
 case("pow[tensor_exponent]", _binary(kp.pow, da=_positive))
-case("pow[scalar_exponent]", lambda r: (lambda a, e=float(r.choice([2.0, 0.5, -1.5, 3.7])):
-                                         kp.pow(a, e), [_positive(r, _shape(r))]))
+def _pow_scalar_exponent(r):
+    e = float(r.choice([2.0, 0.5, -1.5, 3.7]))
+    return (lambda a: kp.pow(a, e)), [_positive(r, _shape(r))]
+
+
+case("pow[scalar_exponent]", _pow_scalar_exponent)
 case("pow[int_exponent_negative_base]", lambda r: (lambda a: kp.pow(a, 3),
                                                    [_away_from_zero(r, _shape(r))]))
 case("pow[scalar_base]", lambda r: (lambda b: kp.pow(2.5, b), [_normal(r, _shape(r))]))
@@ -531,7 +535,7 @@ def _max_reduction(op, axis_kind, keepdims):
         return shape, axis, (lambda x: op(x, axis=axis, keepdims=keepdims))
 
     def build(r):
-        shape, axis, f = pick(r)
+        shape, _, f = pick(r)
         return f, [_distinct(r, shape)]
 
     def kink(r):
@@ -606,9 +610,13 @@ def _kinky_net_kink(r):
 
 case("composite[shared_input]", lambda r: ((lambda x: kp.sum(kp.exp(x) * x)),
                                            [_normal(r, _shape(r))]))
-case("composite[diamond]", lambda r: (
-    lambda x: kp.sum((lambda a: (lambda b: (b * a + x) * b)(kp.tanh(a)))(kp.exp(x))),
-    [_normal(r, _shape(r))]))
+def _diamond(x):
+    a = kp.exp(x)
+    b = kp.tanh(a)
+    return kp.sum((b * a + x) * b)  # x, a and b each reach the output along two paths
+
+
+case("composite[diamond]", lambda r: (_diamond, [_normal(r, _shape(r))]))
 case("composite[net]", _build_net)
 case("composite[relu_maxpool_net]", lambda r: (_kinky_net, [  # a large bias: relu active
     _normal(r, (2, 1, 4, 4)), _normal(r, (2, 1, 3, 3)), 20.0 + _normal(r, (2,)),

@@ -202,12 +202,26 @@ def as_tensor(x, like: Tensor | None = None) -> Tensor:
     return Tensor._wrap(_to_array(x, None))
 
 
-def lift_pair(a, b) -> tuple[Tensor, Tensor]:
-    """Two operands as tensors, a Python scalar adopting the other operand's dtype."""
+def check_broadcast(op: str, *tensors: Tensor) -> None:
+    """Raise a ValueError naming ``op`` and every shape when the operands do not broadcast."""
+    try:
+        np.broadcast_shapes(*(t.shape for t in tensors))
+    except ValueError:
+        shapes = " and ".join(str(t.shape) for t in tensors)
+        raise ValueError(f"{op}: shapes {shapes} do not broadcast") from None
+
+
+def lift_pair(a, b, op: str | None = None) -> tuple[Tensor, Tensor]:
+    """Two operands as tensors, a Python scalar adopting the other operand's dtype. With ``op``,
+    shapes that do not broadcast raise an error naming it (NumPy's own names no operation)."""
     if isinstance(a, Tensor):
-        return a, as_tensor(b, like=a)
-    b = as_tensor(b)
-    return as_tensor(a, like=b), b
+        a, b = a, as_tensor(b, like=a)
+    else:
+        b = as_tensor(b)
+        a = as_tensor(a, like=b)
+    if op is not None and a.shape != b.shape:
+        check_broadcast(op, a, b)
+    return a, b
 
 
 from . import primitives as _ops  # noqa: E402  (primitives import Tensor from this module)

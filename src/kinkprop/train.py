@@ -164,9 +164,9 @@ class Trainer:
         self.config, self.log = config, log
         self.out = Path(out) if out is not None else None
         self.progress = sys.stderr.isatty() if progress is None else progress
-        if self.out is not None:
-            self._prepare_out(resume, force)
         self.data, self.model, self.optimizer, self.schedule = build(config, dataset)
+        if self.out is not None:  # after the data loaded: a bad dataset leaves no run behind
+            self._prepare_out(resume, force)
         self.dtype = as_dtype(config.precision)
         self.policy = parse_policy(config.kink_policy)
         self.x_train, self.y_train = _subset(self.data.x_train, self.data.y_train,

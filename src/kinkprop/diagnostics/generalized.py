@@ -107,6 +107,10 @@ class GeneralizedCheck:
             lines.append(f"  sampled {self.n_samples} point(s) theta + t d (t = {self.t:g}): "
                          f"{self.samples_used} used, {self.samples_on_kink} discarded on a kink; "
                          f"{len(self.bouligand)} distinct Bouligand gradient(s)")
+            if self.n_samples and not self.samples_used:
+                lines.append("  every sampled point hit a kink: some kink does not move with the "
+                             "differentiated inputs (e.g. relu of a constant); sampling cannot "
+                             "vouch here")
             if self.samples_used:
                 lines.append(
                     f"  policy gradient: {'among them' if self.policy_among else 'NOT among them'}"

@@ -33,8 +33,8 @@ mode, both values); success returns a :class:`GradcheckReport`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -51,7 +51,7 @@ _NOISE_ULPS = 16.0
 class GradcheckError(AssertionError):
     """A gradient or adjoint check failed; ``failures`` holds the failed :class:`Comparison` s."""
 
-    def __init__(self, message: str, failures: list["Comparison"]):
+    def __init__(self, message: str, failures: list[Comparison]):
         super().__init__(message)
         self.failures = failures
 
@@ -187,7 +187,7 @@ def check_grad(f: Callable, args: Sequence, argnums: int | Sequence[int] | None 
     Returns a :class:`GradcheckReport`; raises :class:`GradcheckError` naming the argument,
     direction, mode and both values of every failed comparison.
     """
-    modes = tuple(modes)
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
     if not modes or any(m not in ("rev", "fwd") for m in modes):
         raise ValueError(f"check_grad: modes must be a non-empty subset of ('rev', 'fwd'), "
                          f"got {modes}")

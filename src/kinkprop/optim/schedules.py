@@ -40,7 +40,8 @@ class StepLR(_Schedule):
 
 
 class CosineAnnealingLR(_Schedule):
-    """lr = eta_min + (base_lr - eta_min) (1 + cos(pi epoch / T_max)) / 2."""
+    """lr = eta_min + (base_lr - eta_min) (1 + cos(pi epoch / T_max)) / 2 (periodic past T_max,
+    as PyTorch)."""
 
     def __init__(self, optimizer, T_max: int, eta_min: float = 0.0):  # noqa: N803 - torch's name
         if T_max < 1:
@@ -50,4 +51,4 @@ class CosineAnnealingLR(_Schedule):
 
     def lr_at(self, epoch):
         return self.eta_min + (self.base_lr - self.eta_min) * (
-            1 + math.cos(math.pi * min(epoch, self.T_max) / self.T_max)) / 2
+            1 + math.cos(math.pi * epoch / self.T_max)) / 2

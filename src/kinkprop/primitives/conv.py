@@ -8,7 +8,6 @@ positions, and scatters back (col2im, pooling VJPs) add whole slices, with no ``
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ..kinks.spec import DIRECTIONAL
 from ..tensor import Tensor, as_tensor
@@ -70,52 +69,55 @@ class _Geometry:
 # -- conv2d ------------------------------------------------------------------------------------
 
 
-def _im2col(xp, geo):
-    """(N * OH * OW, C * kh * kw) matrix of windows (a copy)."""
-    win = sliding_window_view(xp, (geo.kh, geo.kw), axis=(2, 3))[:, :, ::geo.sh, ::geo.sw]
+def _im2col_t(xp, geo):
+    """Windows as a (C * kh * kw, N * OH * OW) matrix, filled one kernel offset at a time."""
     n, c = xp.shape[:2]
-    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * geo.oh * geo.ow, c * geo.size)
+    cols = np.empty((c, geo.kh, geo.kw, n, geo.oh, geo.ow), dtype=xp.dtype)
+    xc = xp.transpose(1, 0, 2, 3)
+    for k, sl in geo.offsets():
+        cols[:, k // geo.kw, k % geo.kw] = xc[sl]
+    return cols.reshape(c * geo.size, n * geo.oh * geo.ow)
 
 
-def _conv_out(cols, w, geo):
-    n = geo.shape[0]
-    out = cols @ w.reshape(w.shape[0], -1).T
-    return out.reshape(n, geo.oh, geo.ow, w.shape[0]).transpose(0, 3, 1, 2)
+def _conv_out(cols_t, w, geo):
+    out = w.reshape(w.shape[0], -1) @ cols_t  # (O, N * OH * OW)
+    return out.reshape(w.shape[0], geo.shape[0], geo.oh, geo.ow).transpose(1, 0, 2, 3)
 
 
 def _conv_fwd(x, w, *b, geo):
-    cols = _im2col(geo.pad(x), geo)
-    ans = _conv_out(cols, w, geo)
+    cols_t = _im2col_t(geo.pad(x), geo)
+    ans = np.ascontiguousarray(_conv_out(cols_t, w, geo))
     if b:
-        ans = ans + b[0][None, :, None, None]
-    return np.ascontiguousarray(ans), (cols, w, geo)
+        ans += b[0][None, :, None, None]
+    return ans, (cols_t, w, geo)
 
 
 def _conv_vjp(g, res, needs, c):
-    cols, w, geo = res
+    cols_t, w, geo = res
     o = w.shape[0]
-    gm = g.transpose(0, 2, 3, 1).reshape(-1, o)
+    g_t = g.transpose(1, 0, 2, 3).reshape(o, -1)  # (O, N * OH * OW)
     gx = gw = gb = None
     if needs[0]:
-        dcols = (gm @ w.reshape(o, -1)).reshape(geo.shape[0], geo.oh, geo.ow, -1, geo.kh, geo.kw)
-        dxp = np.zeros((geo.shape[0], geo.shape[1], geo.hp, geo.wp), dtype=g.dtype)
+        n, c_in = geo.shape[:2]
+        dcols = (w.reshape(o, -1).T @ g_t).reshape(c_in, geo.kh, geo.kw, n, geo.oh, geo.ow)
+        dxp = np.zeros((c_in, n, geo.hp, geo.wp), dtype=g.dtype)
         for k, sl in geo.offsets():
-            dxp[sl] += dcols[..., k // geo.kw, k % geo.kw].transpose(0, 3, 1, 2)
-        gx = geo.unpad(dxp)
+            dxp[sl] += dcols[:, k // geo.kw, k % geo.kw]
+        gx = np.ascontiguousarray(geo.unpad(dxp.transpose(1, 0, 2, 3)))
     if needs[1]:
-        gw = (gm.T @ cols).reshape(w.shape)
+        gw = (g_t @ cols_t.T).reshape(w.shape)
     if len(needs) > 2 and needs[2]:
-        gb = gm.sum(axis=0)
+        gb = g_t.sum(axis=1)
     return (gx, gw, gb)[:len(needs)]
 
 
 def _conv_jvp(ts, res, c):
-    cols, w, geo = res
+    cols_t, w, geo = res
     out = 0.0
     if ts[0] is not None:
-        out = _conv_out(_im2col(geo.pad(ts[0]), geo), w, geo)
+        out = _conv_out(_im2col_t(geo.pad(ts[0]), geo), w, geo)
     if ts[1] is not None:
-        out = out + _conv_out(cols, ts[1], geo)
+        out = out + _conv_out(cols_t, ts[1], geo)
     if len(ts) > 2 and ts[2] is not None:
         out = out + ts[2][None, :, None, None]
     return out
@@ -192,7 +194,7 @@ def _max_pool_fwd(x, geo):
             continue
         better = s > best  # strict: the first (row-major) maximum keeps its index
         np.copyto(best, s, where=better)
-        first[better] = k
+        np.copyto(first, k, where=better)
     return best, (xp, best, first, geo)
 
 
@@ -221,7 +223,9 @@ def _pool_weights(res, choice):
 def _max_pool_vjp(g, res, needs, choice):
     xp, best, first, geo = res
     dxp = np.zeros(xp.shape, dtype=g.dtype)
-    for (k, sl), w in zip(geo.offsets(), _pool_weights(res, choice)):
+    # offsets in reverse: each input element then sums its windows' shares in row-major window
+    # order, as PyTorch's CPU kernel does, so overlapping windows round the same way
+    for (k, sl), w in reversed(list(zip(geo.offsets(), _pool_weights(res, choice)))):
         dxp[sl] += g * w
     return (geo.unpad(dxp),)
 

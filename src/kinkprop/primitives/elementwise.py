@@ -126,27 +126,27 @@ _pow = _binary(
 
 def add(a, b) -> Tensor:
     """a + b, broadcasting."""
-    return apply(_add, lift_pair(a, b))
+    return apply(_add, lift_pair(a, b, "add"))
 
 
 def sub(a, b) -> Tensor:
     """a - b, broadcasting."""
-    return apply(_sub, lift_pair(a, b))
+    return apply(_sub, lift_pair(a, b, "sub"))
 
 
 def mul(a, b) -> Tensor:
     """a * b, broadcasting."""
-    return apply(_mul, lift_pair(a, b))
+    return apply(_mul, lift_pair(a, b, "mul"))
 
 
 def div(a, b) -> Tensor:
     """a / b, broadcasting."""
-    return apply(_div, lift_pair(a, b))
+    return apply(_div, lift_pair(a, b, "div"))
 
 
 def pow(a, b) -> Tensor:  # noqa: A001 - mirrors torch.pow
     """a ** b, broadcasting; the derivative in b is a**b log a (0 where a**b = 0)."""
-    return apply(_pow, lift_pair(a, b))
+    return apply(_pow, lift_pair(a, b, "pow"))
 
 
 def _where_fwd(a, b, cond):
@@ -179,5 +179,5 @@ def where(cond, a, b) -> Tensor:
     this primitive does not see: use relu / maximum / clamp for those).
     """
     cond = cond.data if isinstance(cond, Tensor) else np.asarray(cond)
-    a, b = lift_pair(a, b)
+    a, b = lift_pair(a, b, "where")
     return apply(_where, (a, b), {"cond": cond.astype(bool)})

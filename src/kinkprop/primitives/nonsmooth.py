@@ -19,7 +19,7 @@ import builtins
 import numpy as np
 
 from ..kinks.spec import DIRECTIONAL, SPECS
-from ..tensor import Tensor, as_tensor, lift_pair
+from ..tensor import Tensor, as_tensor, check_broadcast, lift_pair
 from .core import apply, choose, lex_first_nonzero, register, tangent, unbroadcast
 
 
@@ -51,7 +51,7 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
 
     def local(res, choice):
         x, p = res
-        d = smooth_d(x, **p)
+        d = np.asarray(smooth_d(x, **p))  # a 0-d input gives a NumPy scalar, not an array
         values = choice
         if SPECS[kink].kind == "value" or isinstance(choice, str):
             values = (choice,) * len(SPECS[kink].kinks)
@@ -187,6 +187,7 @@ def clamp(x, min=None, max=None, at_kink=None) -> Tensor:  # noqa: A002 - mirror
     x = as_tensor(x)
     lo = as_tensor(-np.inf if min is None else min, like=x)
     hi = as_tensor(np.inf if max is None else max, like=x)
+    check_broadcast("clamp", x, lo, hi)
     return apply(_clamp_tensor, (x, lo, hi), choice=choice)
 
 
@@ -301,12 +302,12 @@ def maximum(a, b, ties=None) -> Tensor:
 
     Note ``maximum(x, 0)`` is not ``relu(x)``: at 0 it follows this tie rule (PyTorch: 0.5).
     """
-    return apply(_maximum, lift_pair(a, b), choice=choose("maximum", ties))
+    return apply(_maximum, lift_pair(a, b, "maximum"), choice=choose("maximum", ties))
 
 
 def minimum(a, b, ties=None) -> Tensor:
     """Elementwise min(a, b); ties as in :func:`maximum`."""
-    return apply(_minimum, lift_pair(a, b), choice=choose("minimum", ties))
+    return apply(_minimum, lift_pair(a, b, "minimum"), choice=choose("minimum", ties))
 
 
 # -- max / min reductions ----------------------------------------------------------------------
@@ -338,6 +339,17 @@ def _reduction_weights(x, ans_k, axis, rule):
     return w
 
 
+def _split_share(x, ans_k, axis, v):
+    """``v`` shared equally among the tied extrema: ``v / k`` to each. Divided, as PyTorch does:
+    ``v * (1 / k)`` rounds twice and can differ in the last bit."""
+    hit = x == ans_k
+    return hit * (v / hit.sum(axis=axis, keepdims=True))
+
+
+def _is_split(choice):
+    return isinstance(choice, str) and choice == "split"
+
+
 def _reduction(name, reduce):
     def forward(x, axis, keepdims):
         ans_k = reduce(x, axis=axis, keepdims=True)
@@ -347,11 +359,15 @@ def _reduction(name, reduce):
     def vjp(g, res, needs, choice):
         x, ans_k, axis, keepdims = res
         g_k = g if keepdims else np.reshape(g, ans_k.shape)
+        if _is_split(choice):
+            return (_split_share(x, ans_k, axis, g_k),)
         return (_reduction_weights(x, ans_k, axis, choice) * g_k,)
 
     def jvp(ts, res, choice):
         x, ans_k, axis, keepdims = res
-        out = (_reduction_weights(x, ans_k, axis, choice) * ts[0]).sum(axis=axis, keepdims=True)
+        wt = (_split_share(x, ans_k, axis, ts[0]) if _is_split(choice) else
+              _reduction_weights(x, ans_k, axis, choice) * ts[0])
+        out = wt.sum(axis=axis, keepdims=True)
         # the output of a full reduction is 0-d, not ans_k's (1, ..., 1)
         return out if keepdims else out.reshape(() if axis is None else
                                                 np.squeeze(ans_k, axis).shape)

@@ -1,0 +1,134 @@
+"""Training loop: metrics, checkpoints, resume, clean stops and clear errors."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from kinkprop.checkpoint import CheckpointError, load_checkpoint
+from kinkprop.data import Dataset
+from kinkprop.train import TrainConfig, Trainer, TrainingError, evaluate_checkpoint
+
+
+def _blobs(n=240, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    centres = rng.standard_normal((3, 1, 4, 4)) * 2
+    x = (centres[y] + rng.standard_normal((n, 1, 4, 4))).astype(np.float32)
+    return Dataset("blobs", x[:200], y[:200], x[200:], y[200:], ["a", "b", "c"], (1, 4, 4))
+
+
+def _config(**kw):
+    base = dict(dataset="blobs", model="mlp", widths=(16,), epochs=3, batch_size=32, lr=0.1,
+                momentum=0.9, schedule="cosine")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_learns_and_writes_its_run(tmp_path):
+    summary = Trainer(_config(), out=tmp_path / "run", dataset=_blobs(), log=lambda m: None).run()
+    assert summary["final_test_acc"] > 0.9
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert set(json.loads(lines[0])) >= {"train_loss", "train_acc", "test_loss", "test_acc",
+                                         "seconds"}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 3
+    meta, groups = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    assert meta["epoch"] == 3 and "1.weight" in groups["model"]
+    with np.load(tmp_path / "run" / "checkpoint.npz", allow_pickle=False) as z:
+        assert all(z[k].dtype != object for k in z.files)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, optimizer):
+    data = _blobs()
+    full = Trainer(_config(optimizer=optimizer), out=tmp_path / "a", dataset=data,
+                   log=lambda m: None)
+    full_summary = full.run()
+
+    stopped = Trainer(_config(optimizer=optimizer), out=tmp_path / "b", dataset=data,
+                      log=lambda m: None)
+    calls = []
+
+    def stop_midway(trainer, loss):
+        calls.append(1)
+        if len(calls) == 9:  # epoch 2, step 2 of 7
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped.callbacks.append(stop_midway)
+    with pytest.raises(KeyboardInterrupt, match="continue with --resume"):
+        stopped.run()
+    meta, _ = load_checkpoint(tmp_path / "b" / "checkpoint.npz")
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, 2)
+
+    resumed = Trainer(_config(optimizer=optimizer), out=tmp_path / "b", resume=True,
+                      dataset=data, log=lambda m: None)
+    summary = resumed.run()
+    assert resumed.losses == full.losses
+    for key in ("final_test_acc", "final_test_loss"):
+        assert summary[key] == full_summary[key]
+    a = full.model.state_dict()
+    assert all(np.array_equal(a[k], v) for k, v in resumed.model.state_dict().items())
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    Trainer(_config(epochs=1), out=tmp_path, dataset=_blobs(), log=lambda m: None).run()
+    with pytest.raises(FileExistsError, match="--resume .* --force"):
+        Trainer(_config(epochs=1), out=tmp_path, dataset=_blobs(), log=lambda m: None)
+    with pytest.raises(ValueError, match="different config"):
+        Trainer(_config(epochs=1, lr=0.5), out=tmp_path, resume=True, dataset=_blobs())
+    Trainer(_config(epochs=1), out=tmp_path, force=True, dataset=_blobs(), log=lambda m: None)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = Trainer(_config(epochs=3, lr=1e6, momentum=0.0, schedule="none"), out=tmp_path,
+                      dataset=_blobs(), log=lambda m: None)
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at epoch \d+, step \d+"):
+        trainer.run()
+
+
+def test_non_finite_loss_message_names_the_checkpoint(tmp_path):
+    trainer = Trainer(_config(epochs=3), out=tmp_path, dataset=_blobs(), log=lambda m: None)
+    blown = []
+
+    def blow_up(t, loss):
+        if t.epoch == 1 and not blown:
+            blown.append(1)
+            for p in t.model.parameters():
+                p.data[...] = np.nan
+
+    trainer.callbacks.append(blow_up)
+    with pytest.raises(TrainingError, match="last good checkpoint .*epoch 1"):
+        trainer.run()
+    meta, groups = load_checkpoint(tmp_path / "checkpoint.npz")
+    assert meta["epoch"] == 1 and np.isfinite(groups["model"]["1.weight"]).all()
+
+
+@pytest.mark.parametrize("field,value,valid", [("model", "resnet", "mlp, lenet, convnet"),
+                                               ("optimizer", "lbfgs", "sgd, adam, adamw"),
+                                               ("precision", "fp4", "fp64, fp32"),
+                                               ("schedule", "linear", "none, step, cosine"),
+                                               ("kink_policy", "torch", "pytorch")])
+def test_unknown_names_list_the_valid_ones(field, value, valid):
+    with pytest.raises(ValueError, match=valid):
+        _config(**{field: value}).validate()
+
+
+def test_evaluate_checkpoint_and_corrupt_checkpoint(tmp_path, monkeypatch):
+    data = _blobs()
+    Trainer(_config(epochs=1), out=tmp_path, dataset=data, log=lambda m: None).run()
+    monkeypatch.setattr("kinkprop.train.load_dataset", lambda name, data_dir=None: data)
+    result = evaluate_checkpoint(tmp_path / "checkpoint.npz")
+    assert result["epoch"] == 1 and 0 <= result["test_acc"] <= 1
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="not a readable kinkprop checkpoint"):
+        load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("precision", ["fp64", "bf16", "fp16"])
+def test_training_in_each_precision(precision):
+    summary = Trainer(_config(precision=precision), dataset=_blobs(), log=lambda m: None).run()
+    assert summary["final_test_acc"] > 0.8
