@@ -1,6 +1,6 @@
 """Counterexamples and planted-kink networks: framework presets against the directional policy.
 
-    PYTHONPATH=src python benchmarks/directional_counterexamples.py [--networks 60] [--samples 200]
+    PYTHONPATH=src python benchmarks/directional_counterexamples.py [--networks 60] [--samples 1000]
 
 Prints (1) the classic counterexamples' derivatives under the PyTorch, JAX and TensorFlow presets and
 under the directional policy (per direction where it depends on one), and (2) over the random
@@ -8,7 +8,8 @@ piecewise-linear networks with exactly planted kinks used by tests/test_directio
 of networks where each policy's gradient is NOT among the sampled Bouligand gradients (ordinary
 gradients at theta + t d, kink-free points only), and NOT in their convex hull, from
 ``kp.check_generalized``. The directional row calibrates the sampling: the directional gradient
-is a Bouligand element by construction, so its misses are pieces the sampling did not reach.
+is a Bouligand element by construction, so its misses are pieces the sampling did not reach
+(about 2 % of networks at 200 samples, none at the default 1000; about 2 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from kinkprop.diagnostics.generalized import hull_distance
 from kinkprop.kinks.directional import UnresolvedKinkWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_directional import planted_network, smooth_network  # noqa: E402
+from test_directional import planted_network, smooth_network
 
 PRESETS = ("pytorch", "jax", "tensorflow")
 
@@ -125,7 +126,7 @@ def _close(a, b, ref) -> bool:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--networks", type=int, default=60)
-    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--samples", type=int, default=1000)
     a = ap.parse_args(argv)
     counterexamples()
     networks(planted_network, a.networks, a.samples,

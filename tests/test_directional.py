@@ -289,12 +289,12 @@ def test_report_is_readable():
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match="max_directions"):
-        with kp.directional_options(max_directions=0):
-            pass
-    with pytest.raises(ValueError, match="fallback"):
-        with kp.directional_options(fallback="directional"):
-            pass
+    with pytest.raises(ValueError, match="max_directions"), \
+            kp.directional_options(max_directions=0):
+        pass
+    with pytest.raises(ValueError, match="fallback"), \
+            kp.directional_options(fallback="directional"):
+        pass
     with pytest.raises(ValueError, match="one array per differentiated input"):
         grad_dir(lambda x, y: kp.relu(x).sum() + y.sum(), np.zeros(2), np.zeros(2),
                  directions=[[np.ones(2)]])
@@ -360,7 +360,10 @@ def planted_network(seed: int):
     """
     rng = np.random.default_rng(seed)
     n, dim, h = 3, 3, 4
-    ints = lambda *shape: rng.integers(-2, 3, shape).astype(np.float64)  # noqa: E731
+
+    def ints(*shape):
+        return rng.integers(-2, 3, shape).astype(np.float64)
+
     x = ints(n, dim)
     act1, act2 = (rng.choice(list(_ACTS)) for _ in range(2))
     pair = kp.maximum if rng.random() < 0.7 else kp.minimum
@@ -610,3 +613,27 @@ def test_hull_distance_and_nnls():
     for _ in range(20):
         A, b = rng.standard_normal((8, 5)), rng.standard_normal(8)
         np.testing.assert_allclose(nnls(A, b), scipy_opt.nnls(A, b)[0], atol=1e-9)
+
+
+def test_direction_forms():
+    def f(x):
+        return kp.maximum(x, 2 * x).sum()
+
+    x0 = np.zeros(2)
+    # one input: the array alone will do
+    assert np.array_equal(grad_dir(f, x0, directions=[np.array([1.0, -1.0])]), [2.0, 1.0])
+    # a dict keyed by tensor; an input it leaves out stays still
+    x = kp.tensor(np.zeros(2), requires_grad=True)
+    y = kp.tensor(np.zeros(2), requires_grad=True)
+    with kp.kink_policy("directional"):
+        loss = kp.relu(x).sum() + kp.relu(y).sum()
+    with kp.directional_options(directions=[{x: np.array([1.0, -1.0])}, {y: np.ones(2)}]):
+        loss.backward()
+    assert np.array_equal(x.grad, [1.0, 0.0]) and np.array_equal(y.grad, [1.0, 1.0])
+    assert directional.last_report.by_direction == [2, 2]
+    other = kp.tensor(np.zeros(2), requires_grad=True)
+    with kp.kink_policy("directional"):
+        loss = kp.relu(x).sum()
+    with kp.directional_options(directions=[{other: np.ones(2)}]), \
+            pytest.raises(ValueError, match="not a differentiated input"):
+        loss.backward()

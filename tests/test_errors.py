@@ -44,7 +44,7 @@ def test_clamp_tensor_bounds_that_do_not_broadcast():
 def test_matmul_shapes():
     with raises(ValueError, "matmul", "(2, 3)", "(4, 5)", "3 != 4"):
         t(2, 3) @ t(4, 5)
-    with raises(ValueError, "matmul", "(2, 2, 3)", "(3, 3, 1)", "batch"):
+    with raises(ValueError, "matmul", "batch", "(2, 2, 3)", "(3, 3, 1)"):
         kp.matmul(t(2, 2, 3), t(3, 3, 1))
     with raises(ValueError, "matmul", "()", "(3,)"):
         kp.matmul(t(), t(3))
@@ -172,9 +172,9 @@ def test_grad_vjp_jvp_shapes():
 
 
 @pytest.mark.parametrize("data, dtype", [([1, 2], None), ([True, False], None),
-                                         ([1.0, 2.0], "int32"), (np.arange(3), None)])
+                                         ([1.0, 2.0], np.int32), (np.arange(3), None)])
 def test_integer_and_bool_tensors_cannot_require_grad(data, dtype):
-    with raises(TypeError, "floating-point", "requires grad" if False else "require grad"):
+    with raises(TypeError, "floating-point", "require grad"):
         kp.tensor(data, requires_grad=True, dtype=dtype)
     with raises(TypeError, "floating-point"):
         kp.Tensor(data, requires_grad=True, dtype=dtype)
@@ -212,11 +212,15 @@ def test_retain_graph_allows_a_second_backward_which_accumulates():
 # -- policies --------------------------------------------------------------------------------------
 
 
+def enter(*preset, **overrides):
+    with kp.kink_policy(*preset, **overrides):
+        pass
+
+
 def test_unknown_preset_lists_the_valid_ones():
     with raises(ValueError, "unknown kink-policy preset 'pytorch-1.0'", "pytorch", "pytorch-2.14",
                 "jax", "tensorflow", "directional"):
-        with kp.kink_policy("pytorch-1.0"):
-            pass
+        enter("pytorch-1.0")
     with raises(ValueError, "'mxnet'", "valid", "jax"):
         kp.parse_policy("mxnet,relu=1")
 
@@ -224,31 +228,27 @@ def test_unknown_preset_lists_the_valid_ones():
 def test_unknown_primitive_lists_the_valid_ones():
     with raises(ValueError, "unknown non-smooth primitive 'relu7'", "relu", "leaky_relu", "clamp",
                 "max_pool2d", "l1_loss"):
-        with kp.kink_policy(relu7=1.0):
-            pass
+        enter(relu7=1.0)
     with raises(ValueError, "unknown non-smooth primitive 'sigmoid'"):
         kp.parse_policy("pytorch,sigmoid=1")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_policy_values_are_rejected(value):
-    with raises(ValueError, "relu", "finite"):
-        with kp.kink_policy(relu=value):
-            pass
-    with raises(ValueError, "clamp", "high kink", "finite"):
-        with kp.kink_policy(clamp=(0.0, value)):
-            pass
+    with raises(ValueError, "relu", "finite"), kp.kink_policy(relu=value):
+        pass
+    with raises(ValueError, "clamp", "high kink", "finite"), kp.kink_policy(clamp=(0.0, value)):
+        pass
     with raises(ValueError, "leaky_relu", "finite"):
         kp.leaky_relu(t(2), 0.1, at_kink=value)
     with raises(ValueError, "relu", "finite"):
         kp.parse_policy(f"relu={value}")
 
 
-@pytest.mark.parametrize("value", ["middle", "Split", 0.5, 1, None.__class__.__name__])
+@pytest.mark.parametrize("value", ["middle", "Split", 0.5, 1, "none"])
 def test_tie_rules_outside_split_first_last_are_rejected(value):
     with raises(ValueError, "max_pool2d", "split, first, last"):
-        with kp.kink_policy(max_pool2d=value):
-            pass
+        enter(max_pool2d=value)
     with raises(ValueError, "maximum", "split, first, last"):
         kp.maximum(t(2), t(2), ties=value)
     with raises(ValueError, "max_axis", "split, first, last"):
@@ -264,8 +264,7 @@ def test_malformed_kink_values_are_rejected():
         kp.clamp(t(2), 0, 1, at_kink=0.5)
     with raises(ValueError, "hardtanh", "two kinks"):
         kp.hardtanh(t(2), at_kink=(0, 0.5, 1))
-    with raises(ValueError, "relu6", "two kinks", "'left'"):
-        with kp.kink_policy(relu6="left"):
-            pass
+    with raises(ValueError, "relu6", "two kinks", "'left'"), kp.kink_policy(relu6="left"):
+        pass
     with raises(ValueError, "preset 'jax' must come first"):
         kp.parse_policy("relu=1,jax")

@@ -13,6 +13,7 @@ Each check takes the gradient of ``sum(f(*xs))`` three ways: ``kp.grad`` (revers
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -57,7 +58,6 @@ def by_preset(default, **diff):
 # (id, f, inputs, wrt, expected per preset)
 
 X4 = [-1.0, NEG0, 0.0, 1.0]
-MP = dict(wrt=0)
 
 PRESET_CASES = [
     ("relu", kp.relu, [X4], 0, by_preset([0, 0, 0, 1])),
@@ -182,6 +182,11 @@ def test_clamp_scalar_degenerate_bounds():
 
 # -- explicit per-call policies (the same under every scope) ---------------------------------------
 
+
+def pool(kernel, stride=None, padding=0, ties=None):
+    return lambda x: kp.max_pool2d(x, kernel, stride, padding, ties=ties)
+
+
 CALL_CASES = [
     ("relu_0", lambda x: kp.relu(x, at_kink=0), [X4], 0, [0, 0, 0, 1]),
     ("relu_0.5", lambda x: kp.relu(x, at_kink=0.5), [X4], 0, [0, 0.5, 0.5, 1]),
@@ -222,55 +227,55 @@ CALL_CASES = [
     # a broadcast bound collects the gradient of every element that sits on it
     ("clamp_tensor_broadcast_min", lambda x, lo: kp.clamp(x, lo, None, at_kink=(0.25, 0)),
      [[[0.0, 1.0], [-1.0, 1.0]], [0.0, 1.0]], 1, [1.75, 1.5]),
-    *[(f"maximum_{t}_{s}", (lambda t: lambda a, b: kp.maximum(a, b, ties=t))(t),
+    *[(f"maximum_{t}_{s}", partial(kp.maximum, ties=t),
        [[0.0, 1.0, 2.0], [0.0, 1.0, 1.0]], wrt, exp)
       for t, s, wrt, exp in [
           ("split", "a", 0, [0.5, 0.5, 1]), ("split", "b", 1, [0.5, 0.5, 0]),
           ("first", "a", 0, [1, 1, 1]), ("first", "b", 1, [0, 0, 0]),
           ("last", "a", 0, [0, 0, 1]), ("last", "b", 1, [1, 1, 0])]],
-    *[(f"minimum_{t}_{s}", (lambda t: lambda a, b: kp.minimum(a, b, ties=t))(t),
+    *[(f"minimum_{t}_{s}", partial(kp.minimum, ties=t),
        [[0.0, 1.0, 2.0], [0.0, 1.0, 1.0]], wrt, exp)
       for t, s, wrt, exp in [
           ("split", "a", 0, [0.5, 0.5, 0]), ("split", "b", 1, [0.5, 0.5, 1]),
           ("first", "a", 0, [1, 1, 0]), ("first", "b", 1, [0, 0, 1]),
           ("last", "a", 0, [0, 0, 0]), ("last", "b", 1, [1, 1, 1])]],
-    *[(f"max_all_{t}", (lambda t: lambda x: kp.max(x, ties=t))(t), [[[1.0, 3.0], [3.0, 3.0]]], 0,
+    *[(f"max_all_{t}", partial(kp.max, ties=t), [[[1.0, 3.0], [3.0, 3.0]]], 0,
        exp) for t, exp in [("split", [[0, 1 / 3], [1 / 3, 1 / 3]]),
                            ("first", [[0, 1], [0, 0]]), ("last", [[0, 0], [0, 1]])]],
-    *[(f"min_all_{t}", (lambda t: lambda x: kp.min(x, ties=t))(t), [[[1.0, 3.0], [1.0, 1.0]]], 0,
+    *[(f"min_all_{t}", partial(kp.min, ties=t), [[[1.0, 3.0], [1.0, 1.0]]], 0,
        exp) for t, exp in [("split", [[1 / 3, 0], [1 / 3, 1 / 3]]),
                            ("first", [[1, 0], [0, 0]]), ("last", [[0, 0], [0, 1]])]],
-    *[(f"max_axis1_{t}", (lambda t: lambda x: kp.max(x, axis=1, ties=t))(t),
+    *[(f"max_axis1_{t}", partial(kp.max, axis=1, ties=t),
        [[[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]]], 0, exp)
       for t, exp in [("split", [[0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]]),
                      ("first", [[0, 1, 0], [1, 0, 0]]), ("last", [[0, 0, 1], [0, 0, 1]])]],
-    *[(f"max_axis0_{t}", (lambda t: lambda x: kp.max(x, axis=0, ties=t))(t),
+    *[(f"max_axis0_{t}", partial(kp.max, axis=0, ties=t),
        [[[1.0, 3.0], [1.0, 2.0], [0.0, 3.0]]], 0, exp)
       for t, exp in [("split", [[0.5, 0.5], [0.5, 0], [0, 0.5]]),
                      ("first", [[1, 1], [0, 0], [0, 0]]), ("last", [[0, 0], [1, 0], [0, 1]])]],
-    *[(f"min_axis0_{t}", (lambda t: lambda x: kp.min(x, axis=0, ties=t))(t),
+    *[(f"min_axis0_{t}", partial(kp.min, axis=0, ties=t),
        [[[1.0, 3.0], [1.0, 2.0], [0.0, 2.0]]], 0, exp)
       for t, exp in [("split", [[0, 0], [0, 0.5], [1, 0.5]]),
                      ("first", [[0, 0], [0, 1], [1, 0]]), ("last", [[0, 0], [0, 0], [1, 1]])]],
-    *[(f"max_pool_2_tied_{t}", (lambda t: lambda x: kp.max_pool2d(x, 2, ties=t))(t),
+    *[(f"max_pool_2_tied_{t}", pool(2, ties=t),
        [[[[[1.0, 3.0], [3.0, 0.0]]]]], 0, exp)
       for t, exp in [("split", [[[[0, 0.5], [0.5, 0]]]]), ("first", [[[[0, 1], [0, 0]]]]),
                      ("last", [[[[0, 0], [1, 0]]]])]],
-    *[(f"max_pool_4_tied_at_0_{t}", (lambda t: lambda x: kp.max_pool2d(x, 2, ties=t))(t),
+    *[(f"max_pool_4_tied_at_0_{t}", pool(2, ties=t),
        [[[[[0.0, 0.0], [NEG0, 0.0]]]]], 0, exp)
       for t, exp in [("split", [[[[0.25, 0.25], [0.25, 0.25]]]]),
                      ("first", [[[[1, 0], [0, 0]]]]), ("last", [[[[0, 0], [0, 1]]]])]],
     # 3x3 of ones, 2x2 windows at stride 1: four windows, each a four-way tie
-    *[(f"max_pool_overlap_{t}", (lambda t: lambda x: kp.max_pool2d(x, 2, 1, ties=t))(t),
+    *[(f"max_pool_overlap_{t}", pool(2, 1, ties=t),
        [np.ones((1, 1, 3, 3))], 0, exp)
       for t, exp in [("split", [[[[0.25, 0.5, 0.25], [0.5, 1, 0.5], [0.25, 0.5, 0.25]]]]),
                      ("first", [[[[1, 1, 0], [1, 1, 0], [0, 0, 0]]]]),
                      ("last", [[[[0, 0, 0], [0, 1, 1], [0, 1, 1]]]])]],
     # padding 1 around a 2x2 of -1: each 2x2 window holds one real element; padding never wins
-    *[(f"max_pool_padding_{t}", (lambda t: lambda x: kp.max_pool2d(x, 2, 2, 1, ties=t))(t),
+    *[(f"max_pool_padding_{t}", pool(2, 2, 1, ties=t),
        [-np.ones((1, 1, 2, 2))], 0, [[[[1, 1], [1, 1]]]]) for t in ("split", "first", "last")],
     # 3x3 windows at stride 2, padding 1, on a 3x3 of zeros: windows share the middle row/column
-    *[(f"max_pool_padding_overlap_{t}", (lambda t: lambda x: kp.max_pool2d(x, 3, 2, 1, ties=t))(t),
+    *[(f"max_pool_padding_overlap_{t}", pool(3, 2, 1, ties=t),
        [np.zeros((1, 1, 3, 3))], 0, exp)
       for t, exp in [("split", [[[[0.25, 0.5, 0.25], [0.5, 1, 0.5], [0.25, 0.5, 0.25]]]]),
                      ("first", [[[[1, 1, 0], [1, 1, 0], [0, 0, 0]]]]),
@@ -320,7 +325,7 @@ X_RELU = np.array([-1.0, 0.0, 0.0, 2.0])
 
 def test_kink_value_multiplies_the_incoming_gradient():
     # the chain rule: the value at the kink multiplies g (not replaces it, cf. REFERENCES.md 2)
-    f = lambda x: kp.relu(x, at_kink=1)  # noqa: E731
+    f = lambda x: kp.relu(x, at_kink=1)
     _, vjp_fn = kp.vjp(f, X_RELU)
     assert np.array_equal(vjp_fn(G)[0], [0, 5, -7, 11])
     x = kp.tensor(X_RELU, requires_grad=True)
@@ -442,9 +447,8 @@ def test_non_finite_policy_values_raise(bad):
         kp.relu(x, at_kink=bad)
     with pytest.raises(ValueError, match="finite"):
         kp.clamp(x, 0, 1, at_kink=(0, bad))
-    with pytest.raises(ValueError, match="finite"):
-        with kp.kink_policy(abs=bad):
-            pass
+    with pytest.raises(ValueError, match="finite"), kp.kink_policy(abs=bad):
+        pass
     with pytest.raises(ValueError, match="finite"):
         kp.l1_loss(x, x, at_kink=bad)
 

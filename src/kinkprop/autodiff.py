@@ -7,7 +7,7 @@ when the returned function runs is the one recorded.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -7,9 +7,9 @@ import contextlib
 import numpy as np
 
 from . import nn
+from .kinks.policy import kink_policy
 from .optim import SGD
 from .primitives import cross_entropy
-from .kinks.policy import kink_policy
 from .tape import Hooks
 from .tensor import Tensor
 

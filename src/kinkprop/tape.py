@@ -12,7 +12,8 @@ residuals as soon as it is done, unless ``retain_graph=True``.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class Node:
 
     __slots__ = ("prim", "parents", "res", "choice", "site", "released", "__weakref__")
 
-    def __init__(self, prim: "Primitive", parents: tuple, res: Any, choice: Any, site: str | None):
+    def __init__(self, prim: Primitive, parents: tuple, res: Any, choice: Any, site: str | None):
         self.prim = prim
         self.parents = parents  # Tensor for each input that requires grad, None otherwise
         self.res = res
@@ -81,7 +82,7 @@ class Hooks:
 # -- topological order -------------------------------------------------------------------------
 
 
-def toposort(root: "Tensor") -> list["Tensor"]:
+def toposort(root: Tensor) -> list[Tensor]:
     """Tensors reachable from ``root`` through nodes, root first, each after all its consumers."""
     order, seen = [], set()
     stack = [(root, False)]
@@ -109,8 +110,8 @@ def toposort(root: "Tensor") -> list["Tensor"]:
 # -- reverse sweep -----------------------------------------------------------------------------
 
 
-def backward(root: "Tensor", g: np.ndarray, retain_graph: bool = False,
-             inputs: list["Tensor"] | None = None) -> dict[int, np.ndarray] | None:
+def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
+             inputs: list[Tensor] | None = None) -> dict[int, np.ndarray] | None:
     """Propagate cotangent ``g`` from ``root``.
 
     With ``inputs=None`` gradients accumulate into the ``.grad`` of leaf tensors that require grad.
@@ -156,7 +157,7 @@ def backward(root: "Tensor", g: np.ndarray, retain_graph: bool = False,
 # -- forward (tangent) sweep -------------------------------------------------------------------
 
 
-def forward_sweep(root: "Tensor", tangents: list[dict[int, np.ndarray]],
+def forward_sweep(root: Tensor, tangents: list[dict[int, np.ndarray]],
                   on_kink: Callable | None = None) -> list[dict[int, np.ndarray]]:
     """Push tangents through the recorded tape to ``root``, for one or several directions at once.
 

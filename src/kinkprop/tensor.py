@@ -36,7 +36,7 @@ class Tensor:
         self.name = None
 
     @classmethod
-    def _wrap(cls, arr: np.ndarray) -> "Tensor":
+    def _wrap(cls, arr: np.ndarray) -> Tensor:
         t = cls.__new__(cls)
         t.data = arr
         t.grad = None
@@ -63,7 +63,7 @@ class Tensor:
         """The underlying array (shared, not copied)."""
         return self.data
 
-    def detach(self) -> "Tensor":
+    def detach(self) -> Tensor:
         return Tensor._wrap(self.data)
 
     def __repr__(self):
@@ -168,7 +168,7 @@ class Tensor:
     def abs(self, at_kink=None): return _ops.abs(self, at_kink)
     def clamp(self, min=None, max=None, at_kink=None): return _ops.clamp(self, min, max, at_kink)  # noqa: A002
 
-    def astype(self, dtype) -> "Tensor":
+    def astype(self, dtype) -> Tensor:
         """A non-differentiable copy in another format (use ``kp.cast`` to differentiate)."""
         return Tensor._wrap(self.data.astype(as_dtype(dtype)))
 
@@ -215,7 +215,7 @@ def lift_pair(a, b, op: str | None = None) -> tuple[Tensor, Tensor]:
     """Two operands as tensors, a Python scalar adopting the other operand's dtype. With ``op``,
     shapes that do not broadcast raise an error naming it (NumPy's own names no operation)."""
     if isinstance(a, Tensor):
-        a, b = a, as_tensor(b, like=a)
+        b = as_tensor(b, like=a)
     else:
         b = as_tensor(b)
         a = as_tensor(a, like=b)

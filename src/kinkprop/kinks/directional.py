@@ -54,7 +54,13 @@ class DirectionalOptions:
     ``directions`` (a list of directions; each a list of arrays, one per differentiated input in
     order, or a dict keyed by input tensor; with one input an array alone will do) overrides the
     random draw; ``max_directions`` bounds the lexicographic refinement; ``fallback`` names the
-    preset whose value unresolved elementwise kinks take."""
+    preset whose value unresolved elementwise kinks take.
+
+    The refinement sweep (all directions at once) runs only on steps where the first direction
+    left a kink tied. With random directions such a tie almost surely joins pieces with the same
+    gradient (relu zeros tied in a max-pool window, ``maximum(x, x)``), which further random
+    directions cannot split either: ``max_directions=1`` then gives the same gradient for about
+    half the cost of such a step."""
 
     seed: int | None = 0
     max_directions: int = 3
@@ -180,18 +186,15 @@ def _directional_nodes(order):
 
 
 def site_names(nodes) -> dict[int, str]:
-    """A readable name for each kink node: ``site:primitive`` inside a named site (``kp.nn``),
-    else ``primitive#k`` for the k-th application of that primitive in forward order."""
+    """A readable name for each kink node: ``site:primitive`` inside a named site (``kp.nn``;
+    ``#k`` appended when a site is applied again), else ``primitive#k`` for the k-th application
+    of that primitive in forward order."""
     names, seen = {}, {}
     for node in nodes:
-        name = node.prim.name
-        if node.site:
-            base = f"{node.site}:{name}"
-        else:
-            k = seen.get(name, 0)
-            seen[name] = k + 1
-            base = f"{name}#{k}"
-        names[id(node)] = base
+        base = f"{node.site}:{node.prim.name}" if node.site else node.prim.name
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        names[id(node)] = f"{base}#{k}" if k or not node.site else base
     return names
 
 
@@ -271,12 +274,14 @@ def resolve(root, nodes=None, leaves=None, order=None) -> Report:
     report.resolved = report.kinks - report.unresolved
     if report.unresolved:
         source_txt = "given" if report.explicit else "random"
+        # no counts in the text: Python then shows it once per call site, not at every step
+        sites = ", ".join(dict.fromkeys(name for name, _ in report.unresolved_sites))
         warnings.warn(
-            f"directional policy: {report.unresolved} kink element(s) still tied after "
-            f"{len(dirs)} {source_txt} direction(s) at {report.unresolved_sites}; elementwise "
-            f"kinks there take the {opts.fallback!r} preset's value and ties split equally "
-            "(with random directions the tied pieces agree to first order, so almost surely this "
-            "does not change the gradient; give more directions to refine)",
+            f"directional policy: kink elements still tied after {len(dirs)} {source_txt} "
+            f"direction(s) at {sites} (counts in kinkprop.kinks.directional.last_report); "
+            f"elementwise kinks there take the {opts.fallback!r} preset's value and ties split "
+            "equally. With random directions the tied pieces agree to first order, so almost "
+            "surely this does not change the gradient; with given ones, give more directions",
             UnresolvedKinkWarning, stacklevel=_user_stacklevel())
     last_report = report
     return report

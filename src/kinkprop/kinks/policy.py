@@ -41,14 +41,14 @@ class Policy:
         self.label = label
 
     @classmethod
-    def from_preset(cls, name: str) -> "Policy":
+    def from_preset(cls, name: str) -> Policy:
         if name == DIRECTIONAL:
             return cls({k: DIRECTIONAL for k in SPECS}, DIRECTIONAL)
         if name not in PRESETS:
             raise _unknown("kink-policy preset", name, [*PRESETS, DIRECTIONAL])
         return cls({k: SPECS[k].validate(v) for k, v in PRESETS[name].values.items()}, name)
 
-    def with_overrides(self, **overrides) -> "Policy":
+    def with_overrides(self, **overrides) -> Policy:
         if not overrides:
             return self
         values = dict(self.values)
@@ -77,7 +77,7 @@ class Policy:
 
 
 _current: contextvars.ContextVar[Policy] = contextvars.ContextVar(
-    "kinkprop_policy", default=Policy.from_preset(DEFAULT_PRESET)
+    "kinkprop_policy", default=Policy.from_preset(DEFAULT_PRESET)  # noqa: B039 - Policy is immutable
 )
 
 

@@ -1,8 +1,23 @@
 """Layers, modules and models with PyTorch's familiar shape."""
 
 from . import init
-from .layers import (AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Hardtanh,
-                     Identity, LeakyReLU, Linear, MaxPool2d, ReLU, ReLU6, Sigmoid, Tanh)
+from .layers import (
+                     AvgPool2d,
+                     BatchNorm1d,
+                     BatchNorm2d,
+                     Conv2d,
+                     Dropout,
+                     Flatten,
+                     Hardtanh,
+                     Identity,
+                     LeakyReLU,
+                     Linear,
+                     MaxPool2d,
+                     ReLU,
+                     ReLU6,
+                     Sigmoid,
+                     Tanh,
+)
 from .models import MODELS, build_model
 from .module import Module, Parameter, Sequential, manual_seed
 

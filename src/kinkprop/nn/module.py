@@ -8,7 +8,7 @@ and directional reports can name layers.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -84,15 +84,15 @@ class Module:
             return self.forward(*args, **kwargs)
 
     # -- traversal -----------------------------------------------------------------------------
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
         yield prefix, self
         for name, m in self._modules.items():
             yield from m.named_modules(f"{prefix}.{name}" if prefix else name)
 
-    def modules(self) -> Iterator["Module"]:
+    def modules(self) -> Iterator[Module]:
         return (m for _, m in self.named_modules())
 
-    def children(self) -> Iterator["Module"]:
+    def children(self) -> Iterator[Module]:
         return iter(self._modules.values())
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
@@ -112,15 +112,15 @@ class Module:
         for p in self.parameters():
             p.grad = None
 
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         for m in self.modules():
             object.__setattr__(m, "training", bool(mode))
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         return self.train(False)
 
-    def to(self, dtype) -> "Module":
+    def to(self, dtype) -> Module:
         """Convert parameters and float buffers to another storage format (in place)."""
         dtype = as_dtype(dtype)
         for m in self.modules():
@@ -133,7 +133,7 @@ class Module:
         return self
 
     # -- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+    def state_dict(self) -> OrderedDict[str, np.ndarray]:
         """Copies of every parameter and buffer, by dotted name."""
         out = OrderedDict((n, p.data.copy()) for n, p in self.named_parameters())
         out.update((n, np.array(b, copy=True)) for n, b in self.named_buffers())

@@ -2,15 +2,54 @@
 
 from .conv import avg_pool2d, conv2d, max_pool2d
 from .core import PRIMITIVES, Primitive, site
-from .elementwise import (add, div, exp, log, log1p, mul, neg, pow, sigmoid, softplus, sqrt, sub,
-                          tanh, where)
+from .elementwise import (
+                          add,
+                          div,
+                          exp,
+                          log,
+                          log1p,
+                          mul,
+                          neg,
+                          pow,
+                          sigmoid,
+                          softplus,
+                          sqrt,
+                          sub,
+                          tanh,
+                          where,
+)
 from .linalg import linear, matmul
 from .losses import cross_entropy, hinge_loss, l1_loss, mse_loss
-from .nonsmooth import (UnresolvedKinkError, abs, clamp, hardtanh, leaky_relu, max, maximum, min,
-                        minimum, relu, relu6)
+from .nonsmooth import (
+                          UnresolvedKinkError,
+                          abs,
+                          clamp,
+                          hardtanh,
+                          leaky_relu,
+                          max,
+                          maximum,
+                          min,
+                          minimum,
+                          relu,
+                          relu6,
+)
 from .reductions import log_softmax, logsumexp, mean, softmax, sum, var
-from .shape import (broadcast_to, cat, concatenate, expand_dims, flatten, getitem, pad, permute,
-                    reshape, squeeze, stack, swapaxes, transpose, unsqueeze)
+from .shape import (
+                          broadcast_to,
+                          cat,
+                          concatenate,
+                          expand_dims,
+                          flatten,
+                          getitem,
+                          pad,
+                          permute,
+                          reshape,
+                          squeeze,
+                          stack,
+                          swapaxes,
+                          transpose,
+                          unsqueeze,
+)
 
 __all__ = [
     "PRIMITIVES", "Primitive", "site", "UnresolvedKinkError",

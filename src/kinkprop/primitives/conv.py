@@ -16,7 +16,8 @@ from .nonsmooth import _check_resolved
 
 
 def _pair(v, name) -> tuple[int, int]:
-    a, b = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
+    # a float (kernel_size=1.5) must reach the integer check, not fail in tuple() unexplained
+    a, b = (v, v) if isinstance(v, (int, float, np.integer, np.floating)) else tuple(v)
     if int(a) != a or int(b) != b:
         raise ValueError(f"{name} must be integers, got {v!r}")
     return int(a), int(b)
@@ -225,7 +226,7 @@ def _max_pool_vjp(g, res, needs, choice):
     dxp = np.zeros(xp.shape, dtype=g.dtype)
     # offsets in reverse: each input element then sums its windows' shares in row-major window
     # order, as PyTorch's CPU kernel does, so overlapping windows round the same way
-    for (k, sl), w in reversed(list(zip(geo.offsets(), _pool_weights(res, choice)))):
+    for (_, sl), w in reversed(list(zip(geo.offsets(), _pool_weights(res, choice)))):
         dxp[sl] += g * w
     return (geo.unpad(dxp),)
 
@@ -234,7 +235,7 @@ def _max_pool_jvp(ts, res, choice):
     xp, best, first, geo = res
     tp = geo.pad(ts[0])
     out = np.zeros(best.shape, dtype=tp.dtype)
-    for (k, sl), w in zip(geo.offsets(), _pool_weights(res, choice)):
+    for (_, sl), w in zip(geo.offsets(), _pool_weights(res, choice)):
         out += tp[sl] * w
     return out
 
