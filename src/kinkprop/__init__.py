@@ -7,10 +7,10 @@
     x.grad  # [0., 1., 1.]
 """
 
-from . import precision
+from . import data, nn, optim, precision
 from .autodiff import grad, jvp, value_and_grad, vjp
 from .diagnostics.generalized import check_generalized as check_generalized
-from .kinks import PRESETS, SPECS, conventions, current_policy, kink_policy, parse_policy
+from .kinks import PRESETS, SPECS, census, conventions, current_policy, kink_policy, parse_policy
 from .kinks.directional import directional_options
 from .precision import bfloat16, float8_e4m3, float8_e5m2, float16, float32, float64
 from .primitives import *  # noqa: F403
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Tensor", "tensor", "as_tensor", "no_grad", "enable_grad", "grad", "value_and_grad", "vjp",
-    "jvp", "kink_policy", "current_policy", "parse_policy", "conventions", "directional_options",
-    "PRESETS", "SPECS", "precision", "float64", "float32", "float16", "bfloat16", "float8_e4m3",
+    "jvp", "census", "kink_policy", "current_policy", "parse_policy", "conventions", "directional_options",
+    "PRESETS", "SPECS", "precision", "nn", "optim", "data", "float64", "float32", "float16", "bfloat16", "float8_e4m3",
     "float8_e5m2", *_prims,
 ]

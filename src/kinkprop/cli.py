@@ -75,6 +75,8 @@ def _csv_ints(ctx, param, value):
               help="a preset (pytorch, pytorch-2.14, jax, tensorflow, directional) and/or "
                    "overrides, e.g. 'relu=1.0' or 'jax,max_pool2d=split'")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--census", "census_level", default="off", show_default=True,
+              help="count kink hits per layer per epoch: off, exact, ambiguous")
 @click.option("--train-subset", default=None, type=int, help="use only the first N training "
               "samples")
 @click.option("--test-subset", default=None, type=int)
@@ -83,11 +85,12 @@ def _csv_ints(ctx, param, value):
 @click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint")
 @click.option("--force", is_flag=True, help="overwrite an existing run in --out")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: on a TTY)")
-def train(widths, out, resume, force, progress, **options):
+def train(widths, out, resume, force, progress, census_level, **options):
     """Train a model on a dataset and report per-epoch metrics."""
     from .data import DataError
     from .train import TrainConfig, Trainer, TrainingError
 
+    options["census"] = census_level
     if widths is not None:
         options["widths"] = widths
     if resume and force:
@@ -104,6 +107,60 @@ def train(widths, out, resume, force, progress, **options):
     except (ValueError, FileExistsError, DataError, TrainingError) as e:
         _fail(e)
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+
+
+@main.command(name="census")
+@click.option("--dataset", default="fashion-mnist", show_default=True)
+@click.option("--data-dir", default=None)
+@click.option("--model", default="mlp", show_default=True)
+@click.option("--widths", default="512,512", show_default=True, callback=_csv_ints)
+@click.option("--precisions", default="fp64,fp32,bf16,fp16", show_default=True)
+@click.option("--inits", default=10, show_default=True, help="random initialisations (R)")
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--max-batches", default=None, type=int, help="cap the pass at N minibatches")
+@click.option("--policy-a", default="pytorch,relu=0", show_default=True)
+@click.option("--policy-b", default="pytorch,relu=1", show_default=True)
+@click.option("--epochs", default=2, show_default=True, help="epochs of the training census "
+              "(0: skip it)")
+@click.option("--lr", default=0.05, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="runs/census", show_default=True)
+def census_cmd(dataset, data_dir, model, widths, precisions, inits, batch_size, max_batches,
+               policy_a, policy_b, epochs, lr, seed, out):
+    """How often does training land on a kink? Bifurcation volume and training census."""
+    from pathlib import Path
+
+    from .data import DataError, load_dataset
+    from .kinks.policy import parse_policy
+    from .study import census as cs
+    from .train import TrainConfig
+
+    try:
+        names = cs.parse_precisions(precisions)
+        parse_policy(policy_a), parse_policy(policy_b)
+        data = load_dataset(dataset, data_dir)
+    except (ValueError, DataError) as e:
+        _fail(e)
+    opts = {"widths": widths} if model == "mlp" else {}
+    volume, training = [], []
+    for prec in names:
+        click.echo(f"[{prec}] bifurcation volume: {inits} initialisations, one pass ...", err=True)
+        volume.append(cs.bifurcation_volume(data, model, prec, inits, batch_size, policy_a,
+                                            policy_b, max_batches, seed, opts))
+        if epochs:
+            click.echo(f"[{prec}] training census: {epochs} epoch(s) ...", err=True)
+            config = TrainConfig(dataset=dataset, data_dir=data_dir, model=model,
+                                 widths=widths or (), epochs=epochs, batch_size=batch_size,
+                                 lr=lr, momentum=0.9, precision=prec, seed=seed)
+            training += cs.training_census(data, config, log=lambda m: None)
+    click.echo("Bifurcation volume (share of initialisations whose first-layer gradients differ "
+               f"between {policy_a} and {policy_b}):")
+    click.echo(cs.volume_table(volume))
+    if training:
+        click.echo("\nTraining census (exact kink hits per layer per epoch):")
+        click.echo(cs.training_table(training))
+    paths = cs.write_outputs(Path(out), volume, training)
+    click.echo("\nwrote " + ", ".join(paths.values()))
 
 
 @main.command()

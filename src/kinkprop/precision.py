@@ -99,3 +99,61 @@ def unit_roundoff(dtype: np.dtype) -> float:
     dtype = np.dtype(dtype)
     return float(ml_dtypes.finfo(dtype).eps) / 2 if dtype in LOW_PRECISION else float(
         np.finfo(dtype).eps) / 2
+
+
+# -- float8 with per-tensor scaling ---------------------------------------------------------------
+#
+# float8 formats hold too few exponents for raw activations and gradients (e4m3: normal range
+# 2**-6 .. 448). kinkprop emulates them as training recipes do, with a per-tensor scale: inside
+# ``emulate_float8(fmt)``, every primitive's output and every cotangent (arrays stay float32) is
+# multiplied by a power of two s chosen so that its largest magnitude lands just below the format's
+# maximum, rounded to the float8 grid (nearest even, saturating), and divided by s again. Parameters
+# (master weights) and optimizer state stay float32; matmul and conv2d accumulate in float32.
+
+FLOAT8 = frozenset({float8_e4m3, float8_e5m2})
+
+
+class _Emulation:
+    round = None  # callable(array) -> array on the scaled float8 grid, or None
+
+
+def scaled_round(a: np.ndarray, fmt: np.dtype) -> np.ndarray:
+    """Round ``a`` to the float8 format ``fmt`` with a per-tensor power-of-two scale."""
+    a = np.asarray(a)
+    if a.dtype.kind != "f" or a.size == 0:
+        return a
+    amax = float(np.max(np.abs(a)))
+    if amax == 0.0 or not np.isfinite(amax):
+        return a
+    fmax = float(ml_dtypes.finfo(fmt).max)
+    scale = 2.0 ** np.floor(np.log2(fmax / amax))
+    return ((a * scale).astype(fmt).astype(a.dtype) / scale).astype(a.dtype)
+
+
+class emulate_float8:
+    """Scope in which primitive outputs and cotangents are rounded to a scaled float8 grid."""
+
+    def __init__(self, fmt):
+        self.fmt = as_dtype(fmt)
+        if self.fmt not in FLOAT8:
+            raise ValueError(f"emulate_float8 takes fp8-e4m3 or fp8-e5m2, got {fmt!r}")
+
+    def __enter__(self):
+        self._prev = _Emulation.round
+        fmt = self.fmt
+        _Emulation.round = lambda a: scaled_round(a, fmt)
+        return self
+
+    def __exit__(self, *exc):
+        _Emulation.round = self._prev
+
+
+def training_format(name: str):
+    """(parameter dtype, scope) for a precision name: float8 trains float32 parameters inside
+    :class:`emulate_float8`; other formats store everything in themselves."""
+    import contextlib
+
+    dtype = as_dtype(name)
+    if dtype in FLOAT8:
+        return float32, emulate_float8(dtype)
+    return dtype, contextlib.nullcontext()

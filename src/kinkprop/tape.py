@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .precision import to_compute, to_storage
+from .precision import _Emulation, to_compute, to_storage
 
 if TYPE_CHECKING:
     from .primitives.core import Primitive
@@ -71,12 +71,15 @@ class Node:
 class Hooks:
     """Diagnostics attach here (census, timers); primitives stay clean.
 
-    ``on_kink(node, inputs, ans)`` runs after each non-smooth primitive's forward, with its inputs in
-    compute precision. ``on_kink_backward(node, g)`` runs before that node's VJP.
+    ``on_kink(prim, site, res, ans, node)`` runs after each non-smooth primitive's forward (``res``
+    its residuals, ``ans`` its output in compute precision, ``node`` None when nothing is
+    recorded). ``on_kink_backward(node, g)`` runs before a non-smooth node's VJP.
+    ``on_apply(prim, tensors, out, res)`` runs after every primitive (costly: opt-in diagnostics).
     """
 
     on_kink: list[Callable] = []
     on_kink_backward: list[Callable] = []
+    on_apply: list[Callable] = []
 
 
 # -- topological order -------------------------------------------------------------------------
@@ -145,6 +148,8 @@ def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
         for p, ct in zip(node.parents, cts):
             if p is None or ct is None:
                 continue
+            if _Emulation.round is not None:
+                ct = _Emulation.round(ct)
             ct = to_storage(ct, p.dtype)
             prev = pending.get(id(p))
             pending[id(p)] = ct if prev is None else prev + ct

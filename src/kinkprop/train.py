@@ -9,6 +9,7 @@ batches done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,9 +24,11 @@ import numpy as np
 from . import nn
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataLoader, load_dataset
+from .kinks import directional
+from .kinks.census import LEVELS, Census, census
 from .kinks.policy import kink_policy, parse_policy
 from .optim import OPTIMIZERS, CosineAnnealingLR, StepLR
-from .precision import PRECISIONS, as_dtype
+from .precision import PRECISIONS, training_format
 from .primitives import cross_entropy
 from .tape import no_grad
 from .tensor import Tensor
@@ -57,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     train_subset: int | None = None
     test_subset: int | None = None
+    census: str = "off"
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -72,6 +76,9 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be >= 1")
+        if self.census not in ("off", *LEVELS):
+            raise ValueError(f"unknown census level {self.census!r}; valid: off, "
+                             f"{', '.join(LEVELS)}")
         parse_policy(self.kink_policy)
 
     def to_json(self) -> dict:
@@ -98,7 +105,7 @@ def build(config: TrainConfig, dataset=None):
     if config.model == "mlp":
         opts["widths"] = tuple(config.widths)
     model = nn.build_model(config.model, data.input_shape, data.num_classes, seed=config.seed,
-                           dtype=as_dtype(config.precision), **opts)
+                           dtype=training_format(config.precision)[0], **opts)
     kwargs = {"weight_decay": config.weight_decay}
     if config.optimizer == "sgd":
         kwargs.update(momentum=config.momentum, nesterov=config.nesterov)
@@ -130,6 +137,11 @@ def evaluate(model, x, y, batch_size: int = 1000, dtype=None) -> dict:
             n += len(xb)
     model.train(was_training)
     return {"loss": total / n, "acc": correct / n}
+
+
+@contextlib.contextmanager
+def _null():
+    yield None
 
 
 class _StopFlag:
@@ -167,7 +179,9 @@ class Trainer:
         self.data, self.model, self.optimizer, self.schedule = build(config, dataset)
         if self.out is not None:  # after the data loaded: a bad dataset leaves no run behind
             self._prepare_out(resume, force)
-        self.dtype = as_dtype(config.precision)
+        self.dtype, self.format_scope = training_format(config.precision)
+        self.census: Census | None = None
+        self.epoch_kinks: dict = {}
         self.policy = parse_policy(config.kink_policy)
         self.x_train, self.y_train = _subset(self.data.x_train, self.data.y_train,
                                              config.train_subset)
@@ -210,7 +224,7 @@ class Trainer:
         return {"kind": "kinkprop-train", "version": 1, "config": self.config.to_json(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "epoch_start_state": self.epoch_start_state, "history": self.history,
-                "partial": self.partial, "losses": self.losses}
+                "partial": self.partial, "losses": self.losses, "epoch_kinks": self.epoch_kinks}
 
     def save(self) -> None:
         sched = {} if self.schedule is None else {
@@ -226,6 +240,7 @@ class Trainer:
             self.schedule.load_state_dict({k: v.item() for k, v in groups["sched"].items()})
         self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
         self.epoch_start_state = meta["epoch_start_state"]
+        self.epoch_kinks = meta.get("epoch_kinks", {})
         self.history, self.partial, self.losses = meta["history"], meta["partial"], meta["losses"]
         self.log(f"resuming {self.out} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
 
@@ -238,14 +253,42 @@ class Trainer:
         if not math.isfinite(value):
             raise FloatingPointError(value)
         loss.backward()
+        if self.census is not None:
+            self._count_step()
         for cb in self.callbacks:
             cb(self, loss)
         self.optimizer.step()
         correct = int((logits.data.astype(np.float32).argmax(axis=1) == yb).sum())
         return value, correct
 
+    def _count_step(self) -> None:
+        """Fold this step's census (and directional report) into the epoch's per-site totals."""
+        step = self.census.step()
+        self.census.steps.clear()  # per-epoch totals are kept below, not every step
+        for key, c in step.items():
+            tot = self.epoch_kinks.setdefault(key, {"hits": 0, "effective": 0, "evaluated": 0,
+                                                    "ambiguous": 0, "steps_hit": 0})
+            tot["hits"] += c.hits
+            tot["effective"] += c.effective
+            tot["evaluated"] += c.evaluated
+            tot["ambiguous"] += c.ambiguous
+            tot["steps_hit"] += c.hits > 0
+        report = directional.last_report
+        if self.policy.uses_directional and report is not None and report.swept:
+            d = self.epoch_kinks.setdefault("directional", {"steps_swept": 0, "kinks": 0,
+                                                            "resolved": 0, "unresolved": 0,
+                                                            "directions": 0})
+            d["steps_swept"] += 1
+            d["kinks"] += report.kinks
+            d["resolved"] += report.resolved
+            d["unresolved"] += report.unresolved
+            d["directions"] += report.directions
+
     def run(self) -> dict:
-        with kink_policy(self.policy), _StopFlag() as stop:
+        level = self.config.census
+        with kink_policy(self.policy), self.format_scope, _StopFlag() as stop, (
+                census(level) if level != "off" else _null()) as c:
+            self.census = c
             while self.epoch < self.config.epochs:
                 self._run_epoch(stop)
         summary = self._summary()
@@ -307,6 +350,9 @@ class Trainer:
         record = {"epoch": self.epoch + 1, "train_loss": p["loss"] / max(p["n"], 1),
                   "train_acc": p["correct"] / max(p["n"], 1), "test_loss": test["loss"],
                   "test_acc": test["acc"], "seconds": p["seconds"], "lr": self.optimizer.lr}
+        if self.census is not None:
+            record["kinks"] = self.epoch_kinks
+            self.epoch_kinks = {}
         self.history.append(record)
         self.log(f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} "
                  f"acc {record['train_acc']:.4f}  test loss {record['test_loss']:.4f} "
@@ -341,7 +387,8 @@ def evaluate_checkpoint(path, data_dir=None, batch_size: int = 1000) -> dict:
     data, model, _, _ = build(config)
     model.load_state_dict(groups["model"])
     x, y = _subset(data.x_test, data.y_test, config.test_subset)
-    with kink_policy(parse_policy(config.kink_policy)):
-        result = evaluate(model, x, y, batch_size, dtype=as_dtype(config.precision))
+    dtype, scope = training_format(config.precision)
+    with kink_policy(parse_policy(config.kink_policy)), scope:
+        result = evaluate(model, x, y, batch_size, dtype=dtype)
     return {"checkpoint": str(path), "epoch": meta["epoch"], "dataset": config.dataset,
             "model": config.model, "test_loss": result["loss"], "test_acc": result["acc"]}

@@ -31,7 +31,7 @@ def test_nested_paths_follow_assignment():
 def test_relu_sites_are_named_by_module_path():
     sites = []
 
-    def hook(prim, site, arrays, ans, node):
+    def hook(prim, site, res, ans, node):
         sites.append(site)
 
     model = nn.build_model("mlp", (4,), 2, seed=0, widths=(3, 3))

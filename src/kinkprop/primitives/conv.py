@@ -253,14 +253,17 @@ def _max_pool_select(ts_dirs, res):
     return winners / count, count[..., 0] > 1  # one flag per tied window, as hits() counts
 
 
-def _max_pool_hits(res):
+def _max_pool_mask(res):
     """Windows whose maximum is tied."""
     xp, best, first, geo = res
-    return int(np.count_nonzero(sum(xp[sl] == best for _, sl in geo.offsets()) > 1))
+    count = np.zeros(best.shape, np.int16)
+    for _, sl in geo.offsets():
+        count += xp[sl] == best
+    return count > 1
 
 
 _max_pool2d = register("max_pool2d", _max_pool_fwd, _max_pool_vjp, _max_pool_jvp,
-                       kink="max_pool2d", hits=_max_pool_hits, select=_max_pool_select)
+                       kink="max_pool2d", kink_mask=_max_pool_mask, select=_max_pool_select)
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, ties=None) -> Tensor:

@@ -8,8 +8,9 @@ Rule signatures (``res`` is whatever the forward chose to save, computed once):
 ``forward(*arrays, **params) -> (ans, res)``
 ``vjp(g, res, needs, choice) -> tuple`` one cotangent per input (``None`` where ``needs`` is False)
 ``jvp(ts, res, choice) -> t`` tangent of the output; entries of ``ts`` may be ``None`` (zero)
-``hits(res) -> int`` (non-smooth only) how many elements sit exactly on a kink (ties count once per
-    tied group).
+``kink_mask(res) -> mask`` (non-smooth only) the output elements whose value sits exactly on a kink:
+    an input at a kink (elementwise), tied inputs (maximum), a tied group or window (reductions,
+    max-pool; reductions give the keepdims shape). ``hits(res)`` counts them.
 ``select(ts_dirs, res) -> (choice, unresolved)`` (non-smooth only) the directional policy: the choice
     that picks the pieces active along the directions, compared lexicographically (``ts_dirs`` holds
     one list of input tangents per direction), and a mask of kink elements still tied after all.
@@ -30,7 +31,7 @@ import numpy as np
 from .. import tape
 from ..kinks.policy import current_policy
 from ..kinks.spec import SPECS, KinkSpec
-from ..precision import result_dtype, to_compute, to_storage
+from ..precision import _Emulation, result_dtype, to_compute, to_storage
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,8 +41,12 @@ class Primitive:
     vjp: Callable[..., tuple]
     jvp: Callable[..., np.ndarray]
     kink: KinkSpec | None = None
-    hits: Callable | None = None
+    kink_mask: Callable | None = None
     select: Callable | None = None
+
+    def hits(self, res) -> int:
+        """How many output elements sit exactly on a kink (see ``kink_mask``)."""
+        return int(np.count_nonzero(self.kink_mask(res)))
 
     def __repr__(self):
         return f"<primitive {self.name}>"
@@ -51,9 +56,9 @@ class Primitive:
 PRIMITIVES: dict[str, Primitive] = {}
 
 
-def register(name, forward, vjp, jvp, kink: str | None = None, hits=None, select=None
+def register(name, forward, vjp, jvp, kink: str | None = None, kink_mask=None, select=None
              ) -> Primitive:
-    prim = Primitive(name, forward, vjp, jvp, SPECS[kink] if kink else None, hits, select)
+    prim = Primitive(name, forward, vjp, jvp, SPECS[kink] if kink else None, kink_mask, select)
     PRIMITIVES[name] = prim
     return prim
 
@@ -97,6 +102,8 @@ def apply(prim: Primitive, tensors: tuple, params: dict | None = None, choice=No
     dtype = result_dtype(*(t.data.dtype for t in tensors))
     arrays = [to_compute(t.data) for t in tensors]
     ans, res = prim.forward(*arrays, **(params or {}))
+    if _Emulation.round is not None:
+        ans = _Emulation.round(ans)
     out = Tensor._wrap(to_storage(ans, dtype))
     node = None
     if tape.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -106,7 +113,10 @@ def apply(prim: Primitive, tensors: tuple, params: dict | None = None, choice=No
         out.requires_grad = True
     if prim.kink is not None and tape.Hooks.on_kink:
         for hook in tape.Hooks.on_kink:
-            hook(prim, _site.get(), arrays, ans, node)
+            hook(prim, _site.get(), res, ans, node)
+    if tape.Hooks.on_apply:
+        for hook in tape.Hooks.on_apply:
+            hook(prim, tensors, out, res)
     return out
 
 

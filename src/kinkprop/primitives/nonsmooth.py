@@ -14,7 +14,6 @@ Compositions that would change a rule (relu written as ``maximum(x, 0)``, which 
 
 from __future__ import annotations
 
-import builtins
 
 import numpy as np
 
@@ -76,10 +75,13 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
     def jvp(ts, res, choice):
         return ts[0] * local(res, choice)
 
-    def hits(res):
+    def kink_mask(res):
         x, p = res
-        return int(builtins.sum(np.count_nonzero(x == loc) for loc in locations(**p)
-                                if loc is not None))
+        mask = np.zeros(x.shape, bool)
+        for loc in locations(**p):
+            if loc is not None:
+                mask |= x == loc
+        return mask
 
     def select(ts_dirs, res):
         """Directional: the one-sided derivative on the side the tangent points to."""
@@ -92,7 +94,7 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
                 unresolved |= (x == loc) & (t == 0)
         return (out[0] if SPECS[kink].kind == "value" else tuple(out)), unresolved
 
-    return register(name, forward, vjp, jvp, kink=kink, hits=hits, select=select)
+    return register(name, forward, vjp, jvp, kink=kink, kink_mask=kink_mask, select=select)
 
 
 def _between(x, lo, hi):
@@ -234,13 +236,13 @@ def _clamp_tensor_select(ts_dirs, res):
     return (v_lo, v_hi), unresolved
 
 
-def _clamp_tensor_hits(res):
+def _clamp_tensor_mask(res):
     x, lo, hi = res
-    return int(np.count_nonzero((x == lo) | (x == hi)))
+    return np.broadcast_to((x == lo) | (x == hi), np.broadcast_shapes(x.shape, lo.shape, hi.shape))
 
 
 _clamp_tensor = register("clamp_tensor", _clamp_tensor_fwd, _clamp_tensor_vjp, _clamp_tensor_jvp,
-                         kink="clamp", hits=_clamp_tensor_hits, select=_clamp_tensor_select)
+                         kink="clamp", kink_mask=_clamp_tensor_mask, select=_clamp_tensor_select)
 
 
 # -- ties between two inputs -------------------------------------------------------------------
@@ -277,8 +279,9 @@ def _pairwise(name, kink, f, wins):
         out = sum(t * w for t, w in zip(ts, (wa, wb)) if t is not None)
         return np.broadcast_to(out, np.broadcast_shapes(res[0].shape, res[1].shape))
 
-    def hits(res):
-        return int(np.count_nonzero(res[0] == res[1]))
+    def kink_mask(res):
+        a, b = res
+        return np.broadcast_to(a == b, np.broadcast_shapes(a.shape, b.shape))
 
     def select(ts_dirs, res):
         a, b = res
@@ -289,7 +292,7 @@ def _pairwise(name, kink, f, wins):
         sa = np.where(diff == 0, 0.5, wins(diff, -diff)).astype(a.dtype)
         return (sa, 1.0 - sa), (a == b) & (diff == 0)
 
-    return register(name, forward, vjp, jvp, kink=kink, hits=hits, select=select)
+    return register(name, forward, vjp, jvp, kink=kink, kink_mask=kink_mask, select=select)
 
 
 _maximum = _pairwise("maximum", "maximum", np.maximum, lambda a, b: a > b)
@@ -372,9 +375,9 @@ def _reduction(name, reduce):
         return out if keepdims else out.reshape(() if axis is None else
                                                 np.squeeze(ans_k, axis).shape)
 
-    def hits(res):
+    def kink_mask(res):
         x, ans_k, axis, keepdims = res
-        return int(np.count_nonzero((x == ans_k).sum(axis=axis) > 1))
+        return (x == ans_k).sum(axis=axis, keepdims=True) > 1
 
     def select(ts_dirs, res):
         x, ans_k, axis, keepdims = res
@@ -388,7 +391,7 @@ def _reduction(name, reduce):
         count = winners.sum(axis=axis, keepdims=True)
         return winners / count, count > 1  # one flag per tied group, as hits() counts
 
-    return register(name, forward, vjp, jvp, kink=name, hits=hits, select=select)
+    return register(name, forward, vjp, jvp, kink=name, kink_mask=kink_mask, select=select)
 
 
 _max = _reduction("max", np.max)

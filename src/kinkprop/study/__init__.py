@@ -1,0 +1,1 @@
+"""Studies: census protocols, experiment grids, results store and reports."""
