@@ -163,6 +163,126 @@ def census_cmd(dataset, data_dir, model, widths, precisions, inits, batch_size, 
     click.echo("\nwrote " + ", ".join(paths.values()))
 
 
+def _csv(text):
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+@main.command()
+@click.option("--preset", default="quick", show_default=True,
+              help="quick (MNIST-1D, about 3 minutes on 2 cores) or fashion-mnist (the full grid)")
+@click.option("--spec", "spec_file", default=None,
+              help="a JSON file of StudySpec fields (name, dataset, models, precisions, policies, "
+                   "batch_norm, optimizers, seeds, epochs, ...) overriding the preset")
+@click.option("--db", default=None, help="results database [default: runs/study-NAME/results.db]")
+@click.option("--workers", default=2, show_default=True)
+@click.option("--data-dir", default=None)
+@click.option("--precisions", default=None, help="override, e.g. fp64,fp32,bf16,fp16")
+@click.option("--policies", default=None, help="override, e.g. relu=0,relu=0.5,relu=1,directional,"
+              "relu=replace:1 (the last: the 2021 paper's code, which replaces the gradient)")
+@click.option("--seeds", default=None, type=int, help="number of seeds (training)")
+@click.option("--volume-seeds", default=None, type=int, help="initialisations (bifurcation volume)")
+@click.option("--epochs", default=None, type=int)
+@click.option("--protocols", default=None, help="override: volume,training,audit")
+@click.option("--progress/--no-progress", default=None)
+def study(preset, spec_file, db, workers, data_dir, precisions, policies, seeds, volume_seeds,
+          epochs, protocols, progress):
+    """Does the choice of ReLU'(0) matter? Run a study grid, store it, report it (the main job)."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    from .kinks.policy import parse_policy
+    from .precision import PRECISIONS
+    from .study.report import write_report
+    from .study.runner import PRESETS, run_study
+
+    if preset not in PRESETS:
+        _fail(ValueError(f"unknown study preset {preset!r}; valid: {', '.join(PRESETS)}"))
+    spec = copy.deepcopy(PRESETS[preset])
+    try:
+        if spec_file:
+            import dataclasses
+            import json
+
+            fields = json.loads(Path(spec_file).read_text())
+            known = {f.name for f in dataclasses.fields(spec)}
+            unknown = set(fields) - known
+            if unknown:
+                raise ValueError(f"{spec_file}: unknown study fields {sorted(unknown)}; valid: "
+                                 f"{sorted(known)}")
+            spec = dataclasses.replace(spec, **fields)
+        if precisions:
+            spec.precisions = _csv(precisions)
+            bad = [p for p in spec.precisions if p not in PRECISIONS]
+            if bad:
+                raise ValueError(f"unknown precision(s) {bad}; valid: {', '.join(PRECISIONS)}")
+        if policies:
+            spec.policies = _csv(policies)
+            for p in spec.policies:
+                parse_policy(p)
+        if protocols:
+            spec.protocols = _csv(protocols)
+            bad = [p for p in spec.protocols if p not in ("volume", "training", "audit")]
+            if bad:
+                raise ValueError(f"unknown protocol(s) {bad}; valid: volume, training, audit")
+        if seeds is not None:
+            spec.seeds = list(range(seeds))
+        if volume_seeds is not None:
+            spec.volume_seeds = volume_seeds
+        if epochs is not None:
+            spec.epochs = epochs
+        if data_dir is not None:
+            spec.data_dir = data_dir
+        if workers < 1:
+            raise ValueError("--workers must be >= 1")
+        from .data import load_dataset
+
+        load_dataset(spec.dataset, spec.data_dir)  # fail now, not in every worker
+    except Exception as e:  # noqa: BLE001 - every bad input becomes one clear message
+        _fail(e)
+    db = Path(db or f"runs/study-{spec.name}/results.db")
+    progress = sys.stderr.isatty() if progress is None else progress
+    try:
+        outcome = run_study(spec, db, workers=workers, progress=progress,
+                            log=lambda m: click.echo(m, err=True))
+    except KeyboardInterrupt:
+        click.echo(f"kinkprop: interrupted; finished runs are saved in {db}; run the same command "
+                   "to resume", err=True)
+        sys.exit(130)
+    except RuntimeError as e:
+        _fail(e)
+    report = write_report(db)
+    click.echo("")
+    click.echo("Why can ReLU networks be trained with backprop, and does ReLU'(0) matter? "
+               f"({spec.dataset}, {outcome['runs']} runs)")
+    for line in report["summary"]:
+        click.echo(line)
+    if outcome["failed"]:
+        click.echo(f"- {outcome['failed']} run(s) failed; see the runs table (status 'failed') "
+                   f"in {db}; rerunning retries them.")
+    click.echo("")
+    click.echo("Report: " + report["paths"]["markdown"] + " (and " + report["paths"]["html"] + ")")
+    plots = [v for k, v in report["paths"].items() if v.endswith(".png")]
+    if plots:
+        click.echo("Plots: " + ", ".join(plots))
+
+
+@main.command()
+@click.argument("db")
+@click.option("--out", default=None, help="output directory [default: next to DB]")
+def report(db, out):
+    """Write a Markdown and HTML report (tables and plots) from a study database."""
+    from .study.report import write_report
+
+    try:
+        result = write_report(db, out)
+    except FileNotFoundError as e:
+        _fail(e)
+    for line in result["summary"]:
+        click.echo(line)
+    click.echo("wrote " + ", ".join(result["paths"].values()))
+
+
 @main.command()
 @click.argument("checkpoint")
 @click.option("--data-dir", default=None)
@@ -178,6 +298,11 @@ def evaluate(checkpoint, data_dir, batch_size):
     except (ValueError, CheckpointError, DataError, KeyError) as e:
         _fail(e)
     click.echo(json.dumps(result, indent=2))
+
+
+from .study.audit import audit_cmd  # noqa: E402 - registered last, imports only click
+
+main.add_command(audit_cmd)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import numpy as np
 from . import nn
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataLoader, load_dataset
+from .diagnostics.bifurcation import compare_on_tape
 from .kinks import directional
 from .kinks.census import LEVELS, Census, census
 from .kinks.policy import kink_policy, parse_policy
@@ -61,6 +62,7 @@ class TrainConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     census: str = "off"
+    compare_policy: str | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -80,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"unknown census level {self.census!r}; valid: off, "
                              f"{', '.join(LEVELS)}")
         parse_policy(self.kink_policy)
+        if self.compare_policy is not None:
+            parse_policy(self.compare_policy)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -182,6 +186,10 @@ class Trainer:
         self.dtype, self.format_scope = training_format(config.precision)
         self.census: Census | None = None
         self.epoch_kinks: dict = {}
+        self.compare = None if config.compare_policy is None else parse_policy(
+            config.compare_policy)
+        self.named_params = dict(self.model.named_parameters())
+        self.epoch_changed = self.epoch_steps = 0
         self.policy = parse_policy(config.kink_policy)
         self.x_train, self.y_train = _subset(self.data.x_train, self.data.y_train,
                                              config.train_subset)
@@ -224,7 +232,8 @@ class Trainer:
         return {"kind": "kinkprop-train", "version": 1, "config": self.config.to_json(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "epoch_start_state": self.epoch_start_state, "history": self.history,
-                "partial": self.partial, "losses": self.losses, "epoch_kinks": self.epoch_kinks}
+                "partial": self.partial, "losses": self.losses, "epoch_kinks": self.epoch_kinks,
+                "epoch_counts": [self.epoch_changed, self.epoch_steps]}
 
     def save(self) -> None:
         sched = {} if self.schedule is None else {
@@ -241,6 +250,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
         self.epoch_start_state = meta["epoch_start_state"]
         self.epoch_kinks = meta.get("epoch_kinks", {})
+        self.epoch_changed, self.epoch_steps = meta.get("epoch_counts", [0, 0])
         self.history, self.partial, self.losses = meta["history"], meta["partial"], meta["losses"]
         self.log(f"resuming {self.out} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
 
@@ -252,7 +262,12 @@ class Trainer:
         value = float(loss.data)
         if not math.isfinite(value):
             raise FloatingPointError(value)
-        loss.backward()
+        if self.compare is None:
+            loss.backward()
+        else:  # count the steps whose gradient the policy changed (second backward on kinks only)
+            res = compare_on_tape(loss, self.named_params, self.compare)
+            self.epoch_changed += res.differs
+        self.epoch_steps += 1
         if self.census is not None:
             self._count_step()
         for cb in self.callbacks:
@@ -353,6 +368,10 @@ class Trainer:
         if self.census is not None:
             record["kinks"] = self.epoch_kinks
             self.epoch_kinks = {}
+        record["steps"] = self.epoch_steps
+        if self.compare is not None:
+            record["changed_steps"] = self.epoch_changed
+        self.epoch_changed = self.epoch_steps = 0
         self.history.append(record)
         self.log(f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} "
                  f"acc {record['train_acc']:.4f}  test loss {record['test_loss']:.4f} "

@@ -43,27 +43,29 @@ def _policy(p) -> Policy:
     return parse_policy(p)
 
 
-def bifurcation_test(loss_fn, params, policy_a="pytorch,relu=0", policy_b="pytorch,relu=1"
-                     ) -> Bifurcation:
-    """Compare the gradients of ``loss_fn()`` under two policies.
+def tape_hits(loss) -> int:
+    """Kink elements hit on the tape recorded under ``loss``."""
+    return sum(t._node.prim.hits(t._node.res) for t in tape.toposort(loss)
+               if t._node is not None and t._node.choice is not None)
 
-    ``params``: a dict name -> Tensor (e.g. ``dict(model.named_parameters())``) or a list of
-    (name, Tensor). Policies: a :class:`Policy`, a CLI string (``"jax"``, ``"relu=1"``) or a dict
-    of overrides on the pytorch preset. After the call, each parameter's ``.grad`` holds what a
-    plain backward under policy A would have accumulated.
+
+def compare_on_tape(loss, params, policy_b, hits: int | None = None) -> Bifurcation:
+    """Backward through a recorded ``loss`` with the choices made at forward time (policy A),
+    then again with every kink node's choice replaced by ``policy_b``'s; compare.
+
+    Leaves each parameter's ``.grad`` as a plain backward would have (policy A, accumulated onto
+    what was there). With no kink hit on the tape, one ordinary backward runs.
     """
-    pa, pb = _policy(policy_a), _policy(policy_b)
+    pb = _policy(policy_b)
     named = list(params.items()) if isinstance(params, dict) else list(params)
+    hits = tape_hits(loss) if hits is None else hits
+    if hits == 0:
+        loss.backward()
+        return Bifurcation(False, 0, False, {n: 0.0 for n, _ in named}, float(loss.data))
     saved = [p.grad for _, p in named]
     for _, p in named:
         p.grad = None
     try:
-        with kink_policy(pa), census() as c:
-            loss = loss_fn()
-        hits = c.total_hits()
-        if hits == 0:
-            loss.backward()
-            return Bifurcation(False, 0, False, {n: 0.0 for n, _ in named}, float(loss.data))
         loss.backward(retain_graph=True)
         grads_a = [None if p.grad is None else p.grad.copy() for _, p in named]
         for t in tape.toposort(loss):
@@ -93,3 +95,17 @@ def bifurcation_test(loss_fn, params, policy_a="pytorch,relu=0", policy_b="pytor
         for (_, p), prev in zip(named, saved):
             if prev is not None:
                 p.grad = prev if p.grad is None else prev + p.grad
+
+
+def bifurcation_test(loss_fn, params, policy_a="pytorch,relu=0", policy_b="pytorch,relu=1"
+                     ) -> Bifurcation:
+    """Compare the gradients of ``loss_fn()`` under two policies.
+
+    ``params``: a dict name -> Tensor (e.g. ``dict(model.named_parameters())``) or a list of
+    (name, Tensor). Policies: a :class:`Policy`, a CLI string (``"jax"``, ``"relu=1"``) or a dict
+    of overrides on the pytorch preset. After the call, each parameter's ``.grad`` holds what a
+    plain backward under policy A would have accumulated.
+    """
+    with kink_policy(_policy(policy_a)), census() as c:
+        loss = loss_fn()
+    return compare_on_tape(loss, params, policy_b, hits=c.total_hits())

@@ -25,6 +25,10 @@ import warnings
 from dataclasses import dataclass, field
 
 TIES = ("split", "first", "last")
+#: Comparison arm only: ``"replace:a"`` *replaces* the incoming gradient at the kink by a, as the
+#: public code of Bertoin et al. (2021) does (``grad_input[input == 0] = alpha``). It is not the
+#: chain rule; kinkprop offers it so that paper's training results can be re-examined.
+REPLACE = "replace"
 SIDES = ("left", "right")
 DIRECTIONAL = "directional"
 
@@ -68,6 +72,11 @@ class KinkSpec:
                 )
             return value
         if self.kind == "value":
+            if isinstance(value, str) and value.startswith(REPLACE + ":"):
+                alpha = self._validate_scalar(_number(value[len(REPLACE) + 1:]), "to replace with")
+                return (REPLACE, alpha)
+            if isinstance(value, tuple) and len(value) == 2 and value[0] == REPLACE:
+                return (REPLACE, self._validate_scalar(value[1], "to replace with"))
             return self._validate_scalar(value, "at the kink")
         if isinstance(value, (str, numbers.Real)):
             raise ValueError(
@@ -99,7 +108,7 @@ class KinkSpec:
 
     def resolve(self, value, slope: float | None = None):
         """Numeric derivative(s) at the kink(s) for a validated value: float, or (low, high)."""
-        if self.kind == "ties" or value == DIRECTIONAL:
+        if self.kind == "ties" or value == DIRECTIONAL or _is_replace(value):
             return value
         sides = self.one_sided(slope)
         values = (value,) if self.kind == "value" else value
@@ -120,6 +129,17 @@ class KinkSpec:
                     )
             out.append(float(v))
         return out[0] if self.kind == "value" else tuple(out)
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _is_replace(value) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and value[0] == REPLACE
 
 
 def _value(name, where, left, right, doc, clarke):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kinks.spec import DIRECTIONAL, SPECS
+from ..kinks.spec import DIRECTIONAL, SPECS, _is_replace
 from ..tensor import Tensor, as_tensor, check_broadcast, lift_pair
 from .core import apply, choose, lex_first_nonzero, register, tangent, unbroadcast
 
@@ -51,6 +51,8 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
     def local(res, choice):
         x, p = res
         d = np.asarray(smooth_d(x, **p))  # a 0-d input gives a NumPy scalar, not an array
+        if _is_replace(choice):
+            choice = choice[1]  # the forward tangent of the replace arm uses alpha as slope
         values = choice
         if SPECS[kink].kind == "value" or isinstance(choice, str):
             values = (choice,) * len(SPECS[kink].kinks)
@@ -70,7 +72,10 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
         return d
 
     def vjp(g, res, needs, choice):
-        return (g * local(res, choice),)
+        ct = g * local(res, choice)
+        if _is_replace(choice):  # comparison arm: the cotangent at the kink is alpha, not g*alpha
+            np.copyto(ct, choice[1], where=kink_mask(res), casting="unsafe")
+        return (ct,)
 
     def jvp(ts, res, choice):
         return ts[0] * local(res, choice)
