@@ -19,7 +19,7 @@ from .precision import as_dtype, is_float
 
 
 class Tensor:
-    __slots__ = ("data", "grad", "requires_grad", "_node", "name", "__weakref__")
+    __slots__ = ("data", "grad", "_requires_grad", "_node", "name", "__weakref__")
     __array_priority__ = 100  # ndarray <op> Tensor defers to Tensor's reflected operators
 
     def __init__(self, data, requires_grad: bool = False, dtype=None):
@@ -31,16 +31,29 @@ class Tensor:
             )
         self.data = arr
         self.grad: np.ndarray | None = None
-        self.requires_grad = bool(requires_grad)
+        self._requires_grad = bool(requires_grad)
         self._node = None
         self.name = None
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        if value and not is_float(self.data.dtype):
+            raise TypeError(f"only floating-point tensors can require grad, got dtype "
+                            f"{self.data.dtype}; convert with .astype('float32') first")
+        if not value and self._node is not None:
+            raise RuntimeError("requires_grad can only be turned off on a leaf; use .detach()")
+        self._requires_grad = bool(value)
 
     @classmethod
     def _wrap(cls, arr: np.ndarray) -> Tensor:
         t = cls.__new__(cls)
         t.data = arr
         t.grad = None
-        t.requires_grad = False
+        t._requires_grad = False
         t._node = None
         t.name = None
         return t
@@ -180,6 +193,8 @@ def _to_array(data, dtype) -> np.ndarray:
         return np.asarray(data).astype(as_dtype(dtype), copy=False)
     if isinstance(data, np.ndarray):
         return data
+    if isinstance(data, np.generic):  # a NumPy scalar keeps its dtype, as an array would
+        return np.asarray(data)
     arr = np.asarray(data)
     if arr.dtype == np.float64:  # Python floats: float32, the default for float data
         arr = arr.astype(np.float32)

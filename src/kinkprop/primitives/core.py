@@ -110,7 +110,7 @@ def apply(prim: Primitive, tensors: tuple, params: dict | None = None, choice=No
         parents = tuple(t if t.requires_grad else None for t in tensors)
         node = tape.Node(prim, parents, res, choice, _site.get() if prim.kink else None)
         out._node = node
-        out.requires_grad = True
+        out._requires_grad = True
     if prim.kink is not None and tape.Hooks.on_kink:
         for hook in tape.Hooks.on_kink:
             hook(prim, _site.get(), res, ans, node)
