@@ -458,3 +458,18 @@ def test_negative_zero_is_a_kink_in_forward_values_too():
     assert np.array_equal(kp.relu(x).numpy(), [0, 0])
     assert np.array_equal(kp.abs(x).numpy(), [0, 0])
     assert not np.signbit(kp.abs(x).numpy()).any()
+
+
+def test_replace_arm_reproduces_the_2021_paper_code_not_the_chain_rule():
+    """relu=replace:a sets the cotangent at the kink to a (REFERENCES.md section 2); it is a
+    labelled comparison arm, distinct from at_kink=a, which multiplies."""
+    x = kp.tensor(np.array([-1.0, 0.0, 0.0, 2.0]), requires_grad=True)
+    with kp.kink_policy(relu="replace:1"):
+        y = kp.relu(x)
+    y.backward(np.array([3.0, 5.0, -7.0, 11.0]))
+    np.testing.assert_array_equal(x.grad, [0.0, 1.0, 1.0, 11.0])
+    x.grad = None
+    kp.relu(x, at_kink=1.0).backward(np.array([3.0, 5.0, -7.0, 11.0]))
+    np.testing.assert_array_equal(x.grad, [0.0, 5.0, -7.0, 11.0])
+    with pytest.raises(ValueError, match="finite"):
+        kp.relu(x, at_kink="replace:nan")

@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Tensor", "tensor", "as_tensor", "no_grad", "enable_grad", "grad", "value_and_grad", "vjp",
-    "jvp", "census", "kink_policy", "current_policy", "parse_policy", "conventions", "directional_options",
+    "jvp", "census", "kink_policy", "current_policy", "parse_policy", "conventions",
+    "directional_options",
     "PRESETS", "SPECS", "precision", "nn", "optim", "data", "float64", "float32", "float16", "bfloat16", "float8_e4m3",
     "float8_e5m2", *_prims,
 ]

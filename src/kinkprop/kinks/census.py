@@ -54,7 +54,7 @@ class Counts:
     effective: int = 0
     ambiguous: int = 0
 
-    def add(self, other: "Counts") -> None:
+    def add(self, other: Counts) -> None:
         for f in fields(self):
             if f.name != "primitive":
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))

@@ -139,7 +139,8 @@ def _number(text):
 
 
 def _is_replace(value) -> bool:
-    return isinstance(value, tuple) and len(value) == 2 and value[0] == REPLACE
+    return (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+            and value[0] == REPLACE)
 
 
 def _value(name, where, left, right, doc, clarke):

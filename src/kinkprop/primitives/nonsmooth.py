@@ -14,7 +14,6 @@ Compositions that would change a rule (relu written as ``maximum(x, 0)``, which 
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..kinks.spec import DIRECTIONAL, SPECS, _is_replace

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 
+
 def load_dataset(name: str, data_dir=None):
     """:func:`kinkprop.data.load_dataset`, imported late (tests replace this with a synthetic
     dataset)."""
@@ -93,11 +94,18 @@ def audit_cmd(dataset, data_dir, model, widths, batch_norm, checkpoint, seed, ba
     net, x, y, info, opts = setup
     click.echo(f"auditing {info['source']} on {len(x)} {info['dataset']} samples in "
                f"{', '.join(opts['precision'])} ...", err=True)
-    result = taylor_audit(net, x, y, **opts)
+    try:
+        result = taylor_audit(net, x, y, **opts)
+    except ValueError as e:  # e.g. a non-finite loss in a narrow format
+        _fail(e)
+    if not result.rows:
+        _fail(ValueError("no direction to audit: --directions 0 and the gradient is zero"))
     result.meta.update(info)
     result.meta["title"] = (f"{info['model']} on {info['dataset']} ({info['source']}), batch "
                             f"{len(x)}, seed {seed}")
     click.echo(result.table(detail=detail))
+    for note in result.meta.get("skipped", []):
+        click.echo(f"note: skipped the {note}")
     paths = write_outputs(Path(out), result)
     click.echo("\nwrote " + ", ".join(paths.values()))
 

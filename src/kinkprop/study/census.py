@@ -87,7 +87,7 @@ def bifurcation_volume(data, model_name: str, precision: str, inits: int, batch_
                 if max_batches is not None and b >= max_batches:
                     break
                 xt = Tensor(xb.astype(dtype, copy=False))
-                res = bifurcation_test(lambda: cross_entropy(model(xt), yb), params,
+                res = bifurcation_test(lambda m=model, x=xt, y=yb: cross_entropy(m(x), y), params,
                                        policy_a, policy_b)
                 model.zero_grad()
                 result.batches += 1
