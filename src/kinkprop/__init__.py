@@ -9,6 +9,7 @@
 
 from . import data, nn, optim, precision
 from .autodiff import grad, jvp, value_and_grad, vjp
+from .diagnostics.bifurcation import bifurcation_test
 from .diagnostics.generalized import check_generalized as check_generalized
 from .kinks import PRESETS, SPECS, census, conventions, current_policy, kink_policy, parse_policy
 from .kinks.directional import directional_options
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Tensor", "tensor", "as_tensor", "no_grad", "enable_grad", "grad", "value_and_grad", "vjp",
     "jvp", "census", "kink_policy", "current_policy", "parse_policy", "conventions",
-    "directional_options",
-    "PRESETS", "SPECS", "precision", "nn", "optim", "data", "float64", "float32", "float16", "bfloat16", "float8_e4m3",
-    "float8_e5m2", *_prims,
+    "directional_options", "bifurcation_test", "check_generalized",
+    "PRESETS", "SPECS", "precision", "nn", "optim", "data", "float64", "float32", "float16",
+    "bfloat16", "float8_e4m3", "float8_e5m2", *_prims,
 ]
