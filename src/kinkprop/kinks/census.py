@@ -128,6 +128,12 @@ class Census:
         if name == "matmul":
             a, b = (np.abs(t.data.astype(np.float64)) for t in tensors)
             self._bounds[id(out)] = (out, a @ b, tensors[0].shape[-1])
+        elif name == "linear":
+            x, w = (np.abs(t.data.astype(np.float64)) for t in tensors[:2])
+            bound = x @ w.T
+            if len(tensors) > 2:
+                bound = bound + np.abs(tensors[2].data.astype(np.float64))
+            self._bounds[id(out)] = (out, bound, w.shape[1] + (len(tensors) > 2))
         elif name == "conv2d":
             cols_t, w, geo = res
             bound = np.abs(w.reshape(w.shape[0], -1)).astype(np.float64) @ np.abs(cols_t)

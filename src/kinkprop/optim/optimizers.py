@@ -38,17 +38,17 @@ class Optimizer:
 
     def step(self) -> None:
         self.steps += 1
-        scratch = self._buffers("_scratch")
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
-            low = p.dtype in LOW_PRECISION
-            w = p.data.astype(float32) if low else p.data
-            g = scratch[i]
-            np.copyto(g, p.grad, casting="unsafe")
-            self._update(i, w, g)
-            if low:
+            if p.dtype in LOW_PRECISION:  # compute in float32, round the result once
+                w = p.data.astype(float32)
+                g = self._buffers("_grad32")[i]
+                np.copyto(g, p.grad, casting="unsafe")
+                self._update(i, w, g)
                 p.data[...] = w
+            else:  # in place; the gradient itself is only read
+                self._update(i, p.data, p.grad)
 
     def _update(self, i: int, w: np.ndarray, g: np.ndarray) -> None:
         raise NotImplementedError
@@ -91,20 +91,33 @@ class SGD(Optimizer):
         self.weight_decay, self.dampening = weight_decay, dampening
 
     def _update(self, i, w, g):
+        s = self._buffers("_scratch")[i]
+        d = g
         if self.weight_decay:
-            g += self.weight_decay * w
+            np.multiply(w, self.weight_decay, out=s)
+            s += g
+            d = s
         if self.momentum:
             buf = self._buffers("momentum")[i]
             if self.steps == 1:
-                buf[...] = g
+                buf[...] = d
             else:
                 buf *= self.momentum
-                buf += (1 - self.dampening) * g
+                if self.dampening:
+                    buf += (1 - self.dampening) * d
+                else:
+                    buf += d
             if self.nesterov:
-                g += self.momentum * buf
+                if d is s:
+                    s += self.momentum * buf
+                else:
+                    np.multiply(buf, self.momentum, out=s)
+                    s += d
+                d = s
             else:
-                g = buf
-        w -= self.lr * g
+                d = buf
+        np.multiply(d, self.lr, out=s)
+        w -= s
 
 
 class Adam(Optimizer):
@@ -120,26 +133,31 @@ class Adam(Optimizer):
         self.eps, self.weight_decay = eps, weight_decay
 
     def _update(self, i, w, g):
+        s = self._buffers("_scratch")[i]
         if self.weight_decay:
             if self.decoupled:
                 w *= 1 - self.lr * self.weight_decay
             else:
-                g += self.weight_decay * w
+                g2 = self._buffers("_scratch2")[i]
+                np.multiply(w, self.weight_decay, out=g2)
+                g2 += g
+                g = g2
         m, v = self._buffers("exp_avg")[i], self._buffers("exp_avg_sq")[i]
         m *= self.beta1
-        m += (1 - self.beta1) * g
+        np.multiply(g, 1 - self.beta1, out=s)
+        m += s
         v *= self.beta2
-        np.multiply(g, g, out=g)
-        g *= 1 - self.beta2
-        v += g
+        np.multiply(g, g, out=s)
+        s *= 1 - self.beta2
+        v += s
         bc1 = 1 - self.beta1 ** self.steps
         bc2_sqrt = math.sqrt(1 - self.beta2 ** self.steps)
-        np.sqrt(v, out=g)  # g is free now: reuse it as the denominator
-        g /= bc2_sqrt
-        g += self.eps
-        np.divide(m, g, out=g)
-        g *= self.lr / bc1
-        w -= g
+        np.sqrt(v, out=s)
+        s /= bc2_sqrt
+        s += self.eps
+        np.divide(m, s, out=s)
+        s *= self.lr / bc1
+        w -= s
 
 
 class AdamW(Adam):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tensor import Tensor, lift_pair
+from ..tensor import Tensor, as_tensor, lift_pair
 from .core import apply, register, unbroadcast
 
 
@@ -32,7 +32,10 @@ def _matmul_vjp(g, res, needs, c):
         ga = g2 @ _swap(b2)
         ga = unbroadcast(ga, a2.shape).reshape(a.shape)
     if needs[1]:
-        gb = unbroadcast(_swap(a2) @ g2, b2.shape)
+        if b2.ndim == 2 and a2.ndim == 2 and b2.flags.f_contiguous and not b2.flags.c_contiguous:
+            gb = (g2.T @ a2).T  # b is a transposed view (x @ W.T): keep W's own layout
+        else:
+            gb = unbroadcast(_swap(a2) @ g2, b2.shape)
         gb = gb.reshape(b.shape)
     return ga, gb
 
@@ -67,9 +70,49 @@ def matmul(a, b) -> Tensor:
     return apply(_matmul, (a, b))
 
 
-def linear(x, weight, bias=None) -> Tensor:
-    """x @ weight.T + bias, with weight shaped (out, in) as in PyTorch."""
-    from .shape import transpose
+def _linear_fwd(x, w, *b):
+    ans = x @ w.T
+    if b:
+        ans += b[0]
+    return ans, (x, w, bool(b))
 
-    y = matmul(x, transpose(weight))
-    return y if bias is None else y + bias
+
+def _linear_vjp(g, res, needs, c):
+    x, w, has_b = res
+    g2 = g.reshape(-1, g.shape[-1])
+    gx = (g @ w) if needs[0] else None
+    # (out, in) computed directly in the weight's own row-major layout: no transposed copy later
+    gw = (g2.T @ x.reshape(-1, x.shape[-1])) if needs[1] else None
+    gb = g2.sum(axis=0) if has_b and needs[2] else None
+    return (gx, gw, gb)[:2 + has_b]
+
+
+def _linear_jvp(ts, res, c):
+    x, w, has_b = res
+    out = 0.0
+    if ts[0] is not None:
+        out = ts[0] @ w.T
+    if ts[1] is not None:
+        out = out + x @ ts[1].T
+    if has_b and ts[2] is not None:
+        out = out + ts[2]
+    return np.broadcast_to(out, (*x.shape[:-1], w.shape[0]))
+
+
+_linear = register("linear", _linear_fwd, _linear_vjp, _linear_jvp)
+
+
+def linear(x, weight, bias=None) -> Tensor:
+    """x @ weight.T + bias, with weight shaped (out, in) as in PyTorch; one fused primitive."""
+    x = as_tensor(x)
+    weight = as_tensor(weight, like=x)
+    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input {x.shape} does not match weight {weight.shape} "
+                         "(weight must be (out, in) with in = input.shape[-1])")
+    tensors = (x, weight)
+    if bias is not None:
+        bias = as_tensor(bias, like=x)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"linear: bias must have shape ({weight.shape[0]},), got {bias.shape}")
+        tensors += (bias,)
+    return apply(_linear, tensors)
