@@ -184,9 +184,18 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
 # -- max_pool2d --------------------------------------------------------------------------------
 
 
+def _tiles(geo) -> bool:
+    """Windows tile the input (stride = kernel, no padding): each element in one window."""
+    return (geo.sh, geo.sw) == (geo.kh, geo.kw) and not (geo.ph or geo.pw)
+
+
 def _max_pool_fwd(x, geo):
     xp = geo.pad(x, -np.inf)
     best = None
+    if _tiles(geo):  # fast path: a chain of maxima; the first winner is found in backward
+        for _, sl in geo.offsets():
+            best = xp[sl].copy() if best is None else np.maximum(best, xp[sl], out=best)
+        return best, (xp, best, None, geo)
     first = np.zeros((geo.shape[0], geo.shape[1], geo.oh, geo.ow), dtype=np.int16)
     for k, sl in geo.offsets():
         s = xp[sl]
@@ -204,9 +213,15 @@ def _pool_weights(res, choice):
     xp, best, first, geo = res
     if isinstance(choice, np.ndarray):  # resolved directionally: (..., K) weights
         return [choice[..., k] for k in range(geo.size)]
-    if choice == "first":
+    if choice == "first" and first is not None:
         return [first == k for k, _ in geo.offsets()]
     hits = [xp[sl] == best for _, sl in geo.offsets()]
+    if choice == "first":  # the first tied offset in row-major order
+        taken = np.zeros(best.shape, bool)
+        for h in hits:
+            h &= ~taken
+            taken |= h
+        return hits
     if choice == DIRECTIONAL and (sum(hits) > 1).any():
         _check_resolved("max_pool2d", choice)
     if choice in ("split", DIRECTIONAL):
@@ -224,6 +239,10 @@ def _pool_weights(res, choice):
 def _max_pool_vjp(g, res, needs, choice):
     xp, best, first, geo = res
     dxp = np.zeros(xp.shape, dtype=g.dtype)
+    if _tiles(geo):  # disjoint windows: write each offset's share in place
+        for (_, sl), w in zip(geo.offsets(), _pool_weights(res, choice)):
+            np.multiply(g, w, out=dxp[sl])
+        return (dxp,)
     # offsets in reverse: each input element then sums its windows' shares in row-major window
     # order, as PyTorch's CPU kernel does, so overlapping windows round the same way
     for (_, sl), w in reversed(list(zip(geo.offsets(), _pool_weights(res, choice)))):
