@@ -91,14 +91,23 @@ def test_relu_plus_relu_minus_abs_is_zero():
 
 def test_max_of_x_and_x_is_one():
     x0 = np.array([0.0, 2.0])
-    with pytest.warns(UnresolvedKinkWarning):
+    # the two pieces are the same function: tied along a random direction, so no choice can
+    # change the gradient (a.s.); reported as immaterial, one sweep, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnresolvedKinkWarning)
         g = grad_dir(lambda x: kp.maximum(x, x).sum(), x0)
     assert np.array_equal(g, [1.0, 1.0])
-    # the two pieces are the same function: tied along every direction, reported, split equally
+    assert directional.last_report.immaterial == 2
+    assert directional.last_report.unresolved == 0
+    assert directional.last_report.directions == 1
+    # asked to refine, it tries every direction, still ties, and reports the sites unresolved
+    with pytest.warns(UnresolvedKinkWarning):
+        g = grad_dir(lambda x: kp.maximum(x, x).sum(), x0, refine=True)
+    assert np.array_equal(g, [1.0, 1.0])
     assert directional.last_report.unresolved == 2
     assert directional.last_report.directions == 3
     with pytest.warns(UnresolvedKinkWarning):
-        g = grad_dir(lambda x: kp.max(kp.stack([x, x])), np.array([1.5]))
+        g = grad_dir(lambda x: kp.max(kp.stack([x, x])), np.array([1.5]), refine=True)
     assert np.array_equal(g, [1.0])
     assert directional.last_report.unresolved_sites == [("max#0", 1)]
 

@@ -60,12 +60,20 @@ class DirectionalOptions:
     left a kink tied. With random directions such a tie almost surely joins pieces with the same
     gradient (relu zeros tied in a max-pool window, ``maximum(x, x)``), which further random
     directions cannot split either: ``max_directions=1`` then gives the same gradient for about
-    half the cost of such a step."""
+    half the cost of such a step.
+
+    ``refine``: with random directions, whether to run that refinement sweep at all. By default
+    (False) a random direction's ties are settled in one sweep: pieces tied along a random d agree
+    to first order along d, which with probability 1 means their gradients are equal, so no choice
+    among them can change the result (Kakade & Lee's guarantee needs one random direction). They
+    are reported as ``immaterial``, not unresolved. Given directions are always refined up to
+    ``max_directions``."""
 
     seed: int | None = 0
     max_directions: int = 3
     directions: list | None = None
     fallback: str = "pytorch"
+    refine: bool = False
     rng: np.random.Generator | None = field(default=None, repr=False)
 
     def generator(self) -> np.random.Generator:
@@ -119,6 +127,7 @@ class SiteReport:
     kinks: int  # kink elements hit (a tied group counts once)
     decided: list[int]  # how many of them direction 1, 2, ... decided
     unresolved: int
+    immaterial: int = 0  # tied along a random direction: the choice cannot matter (a.s.)
 
     @property
     def resolved(self) -> int:
@@ -147,6 +156,7 @@ class Report:
     by_direction: list = field(default_factory=list)
     details: list = field(default_factory=list)
     explicit: bool = False  # directions given by the user rather than drawn
+    immaterial: int = 0  # tied along a random direction: no choice changes the result (a.s.)
 
     def __str__(self) -> str:
         if not self.swept:
@@ -155,10 +165,14 @@ class Report:
         source = "given" if self.explicit else "random"
         by = ", ".join(f"{n} by direction {i + 1}" for i, n in enumerate(self.by_direction) if n)
         lines = [(f"directional: {self.kinks} kink element(s) hit at {self.sites_hit} of "
-                  f"{self.sites} site(s); {self.resolved} resolved ({by or 'none'}), "
-                  f"{self.unresolved} unresolved; {self.directions} {source} direction(s) swept")]
+                  f"{self.sites} site(s); {self.resolved} resolved ({by or 'none'}"
+                  + (f", {self.immaterial} tied along the random direction: immaterial"
+                     if self.immaterial else "")
+                  + f"), {self.unresolved} unresolved; {self.directions} {source} direction(s) "
+                  "swept")]
         for s in self.details:
             lines.append(f"  {s.name}: {s.kinks} hit, {s.resolved} resolved"
+                         + (f" ({s.immaterial} immaterial)" if s.immaterial else "")
                          + (f", {s.unresolved} UNRESOLVED" if s.unresolved else ""))
         return "\n".join(lines)
 
@@ -251,7 +265,7 @@ def resolve(root, nodes=None, leaves=None, order=None) -> Report:
         stats = _sweep(root, leaves, dirs, hit_nodes, fallback)
         left = sum(s[1] for s in stats.values())
         more = min(opts.max_directions, source.available(opts.max_directions))
-        if left == 0 or len(dirs) >= more:
+        if left == 0 or len(dirs) >= more or not (report.explicit or opts.refine):
             break
         n_dirs = more
 
@@ -271,6 +285,12 @@ def resolve(root, nodes=None, leaves=None, order=None) -> Report:
         if unresolved:
             report.unresolved_sites.append((names[id(node)], unresolved))
     report.unresolved = sum(s.unresolved for s in report.details)
+    if report.unresolved and not (report.explicit or opts.refine):
+        # tied along one random direction: immaterial with probability 1 (see DirectionalOptions)
+        report.immaterial, report.unresolved = report.unresolved, 0
+        report.unresolved_sites = []
+        for s in report.details:
+            s.immaterial, s.unresolved = s.unresolved, 0
     report.resolved = report.kinks - report.unresolved
     if report.unresolved:
         source_txt = "given" if report.explicit else "random"

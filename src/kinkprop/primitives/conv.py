@@ -262,15 +262,21 @@ def _max_pool_jvp(ts, res, choice):
 
 def _max_pool_select(ts_dirs, res):
     """Directional: among each window's tied maxima the largest tangent wins, direction by
-    direction (lexicographic)."""
+    direction (lexicographic). Works offset by offset on strided views (no stacked copies)."""
     xp, best, first, geo = res
-    winners = np.stack([xp[sl] == best for _, sl in geo.offsets()], axis=-1)
+    offsets = [sl for _, sl in geo.offsets()]
+    winners = [xp[sl] == best for sl in offsets]
     for ts in ts_dirs:
         tp = geo.pad(ts[0])
-        t = np.where(winners, np.stack([tp[sl] for _, sl in geo.offsets()], axis=-1), -np.inf)
-        winners &= t == t.max(axis=-1, keepdims=True)
-    count = winners.sum(axis=-1, keepdims=True)
-    return winners / count, count[..., 0] > 1  # one flag per tied window, as hits() counts
+        t = [np.where(w, tp[sl], -np.inf) for w, sl in zip(winners, offsets)]
+        top = t[0].copy()
+        for tk in t[1:]:
+            np.maximum(top, tk, out=top)
+        for w, tk in zip(winners, t):
+            w &= tk == top
+    count = sum(w.astype(np.int16) for w in winners)
+    weights = np.stack([w / count for w in winners], axis=-1)
+    return weights, count > 1  # one flag per tied window, as hits() counts
 
 
 def _max_pool_mask(res):
