@@ -93,10 +93,10 @@ class Census:
         c = self.current[key]
         c.primitive = prim.kink.name
         c.calls += 1
-        mask = prim.kink_mask(res)
-        c.evaluated += mask.size
-        n = int(np.count_nonzero(mask))
+        c.evaluated += ans.size
+        n = prim.hits(res)
         if n:
+            mask = prim.kink_mask(res)
             c.hits += n
             if prim.kink.kind == "ties":
                 at_zero = int(np.count_nonzero(np.reshape(ans, mask.shape)[mask] == 0))

@@ -209,6 +209,15 @@ def _max_pool_fwd(x, geo):
     return best, (xp, best, first, geo)
 
 
+def _pool_hits(res) -> list[np.ndarray]:
+    """Per kernel offset, the windows whose maximum that offset attains; computed once per node
+    and shared by the VJP, the census and the directional selection."""
+    xp, best, first, geo = res
+    if getattr(geo, "hits", None) is None:
+        geo.hits = [xp[sl] == best for _, sl in geo.offsets()]
+    return geo.hits
+
+
 def _pool_weights(res, choice):
     """Per-offset weights: a list of K arrays shaped like the output (or None for all-zero)."""
     xp, best, first, geo = res
@@ -216,13 +225,14 @@ def _pool_weights(res, choice):
         return [choice[..., k] for k in range(geo.size)]
     if choice == "first" and first is not None:
         return [first == k for k, _ in geo.offsets()]
-    hits = [xp[sl] == best for _, sl in geo.offsets()]
+    hits = _pool_hits(res)
     if choice == "first":  # the first tied offset in row-major order
         taken = np.zeros(best.shape, bool)
+        out = []
         for h in hits:
-            h &= ~taken
+            out.append(h & ~taken)
             taken |= h
-        return hits
+        return out
     if choice == DIRECTIONAL and (sum(hits) > 1).any():
         _check_resolved("max_pool2d", choice)
     if choice in ("split", DIRECTIONAL):
@@ -265,7 +275,7 @@ def _max_pool_select(ts_dirs, res):
     direction (lexicographic). Works offset by offset on strided views (no stacked copies)."""
     xp, best, first, geo = res
     offsets = [sl for _, sl in geo.offsets()]
-    winners = [xp[sl] == best for sl in offsets]
+    winners = [h.copy() for h in _pool_hits(res)]
     for ts in ts_dirs:
         tp = geo.pad(ts[0])
         t = [np.where(w, tp[sl], -np.inf) for w, sl in zip(winners, offsets)]
@@ -283,8 +293,8 @@ def _max_pool_mask(res):
     """Windows whose maximum is tied."""
     xp, best, first, geo = res
     count = np.zeros(best.shape, np.int16)
-    for _, sl in geo.offsets():
-        count += xp[sl] == best
+    for h in _pool_hits(res):
+        count += h
     return count > 1
 
 

@@ -10,7 +10,8 @@ Rule signatures (``res`` is whatever the forward chose to save, computed once):
 ``jvp(ts, res, choice) -> t`` tangent of the output; entries of ``ts`` may be ``None`` (zero)
 ``kink_mask(res) -> mask`` (non-smooth only) the output elements whose value sits exactly on a kink:
     an input at a kink (elementwise), tied inputs (maximum), a tied group or window (reductions,
-    max-pool; reductions give the keepdims shape). ``hits(res)`` counts them.
+    max-pool; reductions give the keepdims shape). ``hits(res)`` counts them (through ``count(res)``
+    where a record counts more cheaply, e.g. in its forward pass).
 ``select(ts_dirs, res) -> (choice, unresolved)`` (non-smooth only) the directional policy: the choice
     that picks the pieces active along the directions, compared lexicographically (``ts_dirs`` holds
     one list of input tangents per direction), and a mask of kink elements still tied after all.
@@ -43,9 +44,12 @@ class Primitive:
     kink: KinkSpec | None = None
     kink_mask: Callable | None = None
     select: Callable | None = None
+    count: Callable | None = None
 
     def hits(self, res) -> int:
         """How many output elements sit exactly on a kink (see ``kink_mask``)."""
+        if self.count is not None:
+            return self.count(res)
         return int(np.count_nonzero(self.kink_mask(res)))
 
     def __repr__(self):
@@ -56,9 +60,10 @@ class Primitive:
 PRIMITIVES: dict[str, Primitive] = {}
 
 
-def register(name, forward, vjp, jvp, kink: str | None = None, kink_mask=None, select=None
-             ) -> Primitive:
-    prim = Primitive(name, forward, vjp, jvp, SPECS[kink] if kink else None, kink_mask, select)
+def register(name, forward, vjp, jvp, kink: str | None = None, kink_mask=None, select=None,
+             count=None) -> Primitive:
+    prim = Primitive(name, forward, vjp, jvp, SPECS[kink] if kink else None, kink_mask, select,
+                     count)
     PRIMITIVES[name] = prim
     return prim
 

@@ -45,6 +45,10 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
     """
 
     def forward(x, **p):
+        p = _Params(p)
+        # count the hits once, in the pass that computes the output's inputs anyway: the backward
+        # rule and the census skip the kink masks entirely when there are none (the usual case)
+        p.hits = sum(int(np.count_nonzero(x == loc)) for loc in locations(**p) if loc is not None)
         return f(x, **p), (x, p)
 
     def local(res, choice):
@@ -52,6 +56,10 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
         d = np.asarray(smooth_d(x, **p))  # a 0-d input gives a NumPy scalar, not an array
         if _is_replace(choice):
             choice = choice[1]  # the forward tangent of the replace arm uses alpha as slope
+        if getattr(p, "hits", None) == 0:
+            return d  # may be boolean (relu): g * d then costs one pass
+        if d.dtype == bool:
+            d = d.astype(x.dtype)
         values = choice
         if SPECS[kink].kind == "value" or isinstance(choice, str):
             values = (choice,) * len(SPECS[kink].kinks)
@@ -79,6 +87,12 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
     def jvp(ts, res, choice):
         return ts[0] * local(res, choice)
 
+    def count(res):
+        x, p = res
+        if getattr(p, "hits", None) is not None:
+            return p.hits
+        return int(np.count_nonzero(kink_mask(res)))
+
     def kink_mask(res):
         x, p = res
         mask = np.zeros(x.shape, bool)
@@ -98,7 +112,14 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
                 unresolved |= (x == loc) & (t == 0)
         return (out[0] if SPECS[kink].kind == "value" else tuple(out)), unresolved
 
-    return register(name, forward, vjp, jvp, kink=kink, kink_mask=kink_mask, select=select)
+    return register(name, forward, vjp, jvp, kink=kink, kink_mask=kink_mask, select=select,
+                    count=count)
+
+
+class _Params(dict):
+    """Call parameters of an elementwise kink, plus ``hits`` counted in the forward pass."""
+
+    hits: int | None = None
 
 
 def _between(x, lo, hi):
@@ -122,7 +143,7 @@ _LOCATIONS = {
 }
 
 _relu = _elementwise_kink(
-    "relu", "relu", lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(x.dtype),
+    "relu", "relu", lambda x: np.maximum(x, 0.0), lambda x: x > 0,
     _LOCATIONS["relu"])
 _leaky_relu = _elementwise_kink(
     "leaky_relu", "leaky_relu", lambda x, slope: np.where(x > 0, x, slope * x),
