@@ -162,21 +162,36 @@ def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
 # -- forward (tangent) sweep -------------------------------------------------------------------
 
 
+def ancestors(nodes) -> set[int]:
+    """Ids of ``nodes`` and of every node they depend on."""
+    seen: set[int] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(p._node for p in node.parents if p is not None and p._node is not None)
+    return seen
+
+
 def forward_sweep(root: Tensor, tangents: list[dict[int, np.ndarray]],
-                  on_kink: Callable | None = None) -> list[dict[int, np.ndarray]]:
+                  on_kink: Callable | None = None, only: set[int] | None = None
+                  ) -> list[dict[int, np.ndarray]]:
     """Push tangents through the recorded tape to ``root``, for one or several directions at once.
 
     ``tangents`` holds, per direction, the tangents of input tensors keyed by ``id``. Each node's
     JVP runs with the primal residuals saved in the forward pass. Before a non-smooth node's JVP,
     ``on_kink(node, ts_dirs)`` may replace ``node.choice`` (the directional policy selects pieces
-    there, seeing every direction's input tangents). Returns, per direction, the tangent of every
-    tensor reached.
+    there, seeing every direction's input tangents). ``only`` restricts the sweep to the nodes
+    with those ids (e.g. the :func:`ancestors` of the nodes whose tangents are wanted). Returns, per
+    direction, the tangent of every tensor reached.
     """
     order = toposort(root)
     outs = [dict(t) for t in tangents]
     for t in reversed(order):
         node = t._node
-        if node is None or id(t) in outs[0]:
+        if node is None or id(t) in outs[0] or (only is not None and id(node) not in only):
             continue
         if node.released:
             raise RuntimeError(

@@ -319,7 +319,8 @@ def _sweep(root, leaves, dirs, hit_nodes, fallback) -> dict[int, tuple[list[int]
         return _select(node, ts_dirs, stats, fallback)
 
     tangents = [{id(t): d for t, d in zip(leaves, ds)} for ds in dirs]
-    tape.forward_sweep(root, tangents, on_kink=on_kink)
+    # only the nodes the kink sites depend on: nothing after the last site that hit a kink
+    tape.forward_sweep(root, tangents, on_kink=on_kink, only=tape.ancestors(hit_nodes))
     for node in hit_nodes:  # no tangent reached it (it depends on no differentiated input)
         if id(node) not in stats:
             zeros = [None if p is None else np.zeros(p.shape) for p in node.parents]
