@@ -57,6 +57,7 @@ import numpy as np
 
 from .. import tape
 from ..precision import PRECISIONS, as_dtype, training_format
+from ..textable import text_table
 
 #: The default step sizes: 15 points from 1e-8 to 1e-1.
 DEFAULT_HS = np.logspace(-8, -1, 15)
@@ -328,9 +329,7 @@ def _fmt_slope(v, n) -> str:
 
 
 def _grid(head, rows) -> str:
-    rows = [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *rows])
+    return text_table(head, rows)
 
 
 def fit_slope(hs, rs) -> float | None:

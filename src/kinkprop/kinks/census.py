@@ -37,6 +37,7 @@ import numpy as np
 
 from .. import tape
 from ..precision import LOW_PRECISION, unit_roundoff
+from ..textable import text_table
 
 LEVELS = ("exact", "ambiguous")
 
@@ -213,10 +214,7 @@ class Census:
                 row.append(c.ambiguous)
             row.append(f"{c.rate:.3g}")
             rows.append([str(v) for v in row])
-        widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
-        lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in
-                           enumerate(zip(r, widths))) for r in [cols, *rows]]
-        return "\n".join(lines)
+        return text_table(cols, rows, align="first-left")
 
     def __repr__(self):
         return f"Census(level={self.level!r}, steps={len(self.steps)}, hits={self.total_hits()})"

@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 from types import MappingProxyType
 
+from ..textable import text_table
 from .presets import DEFAULT_PRESET, PRESETS
 from .spec import DIRECTIONAL, SPECS
 
@@ -142,8 +143,7 @@ def conventions(file=None) -> str:
         where = " / ".join(k.where for k in spec.kinks) if spec.kinks else "ties"
         rows.append([spec.name, where, *(_fmt(PRESETS[n].values[spec.name]) for n in names)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(header, [["-" * w for w in widths], *rows], align="left").split("\n")
     lines.append("")
     lines.extend(f"{n}: reproduces {p.reproduces}" for n, p in PRESETS.items())
     lines.append("Values multiply the incoming gradient; 'left'/'right' = one-sided derivative; "

@@ -31,12 +31,9 @@ def load_dataset(name: str, data_dir=None):
 
 
 def _csv_ints(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    from ..cli import _csv_ints as parse
+
+    return parse(ctx, param, value)
 
 
 _FROM_CHECKPOINT = ("dataset", "model", "widths", "batch_norm")

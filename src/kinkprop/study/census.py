@@ -26,6 +26,7 @@ from ..kinks.census import census
 from ..precision import training_format
 from ..primitives import cross_entropy
 from ..tensor import Tensor
+from ..textable import text_table
 from ..train import TrainConfig, Trainer
 
 
@@ -199,9 +200,7 @@ def training_table(training: list[dict]) -> str:
 
 
 def _table(head, rows) -> str:
-    rows = [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *rows])
+    return text_table(head, rows)
 
 
 def parse_precisions(text: str) -> list[str]:

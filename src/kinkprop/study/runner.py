@@ -13,6 +13,10 @@ Protocols:
 ``audit``     the Taylor-remainder audit at initialisation (see ``kinkprop audit``).
 
 A study is resumable: run ids are hashes of the run's configuration; finished runs are skipped.
+
+Engines: ``numpy`` (kinkprop's own, the default) or ``torch`` (``StudySpec(engine="torch",
+device="cpu"|"cuda")``: PyTorch models under :mod:`kinkprop.torch`, see :mod:`.torch_runs`; the
+volume and training protocols only), into the same database.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from itertools import product
 from .store import Store
 
 BASELINE = "relu=0"
+ENGINES = ("numpy", "torch")
 
 
 @dataclass
@@ -52,12 +57,20 @@ class StudySpec:
     volume_seeds: int = 10
     volume_max_batches: int | None = None
     audit_precisions: list = field(default_factory=lambda: ["fp64", "fp32", "bf16"])
+    engine: str = "numpy"  # or "torch": PyTorch models through kinkprop.torch (torch_runs.py)
+    device: str = "cpu"  # torch engine only: cpu, cuda, cuda:N
 
     def runs(self) -> list[dict]:
-        """Every run of the grid, as a JSON-serialisable config with a ``run_id``."""
+        """Every run of the grid, as a JSON-serialisable config with a ``run_id``.
+
+        The engine and device enter the configs (and so the run ids) only for ``engine !=
+        "numpy"``, so NumPy runs keep their ids. The audit protocol is NumPy-only: the torch
+        engine skips it (:func:`run_study` says so)."""
         out = []
         common = {"study": self.name, "dataset": self.dataset, "data_dir": self.data_dir,
                   "batch_size": self.batch_size}
+        if self.engine != "numpy":
+            common.update(engine=self.engine, device=self.device)
         for model, opts in self.models:
             for bn in self.batch_norm:
                 base = {**common, "model": model, "model_opts": opts, "batch_norm": bn}
@@ -73,7 +86,7 @@ class StudySpec:
                                                         self.optimizers, self.seeds):
                         out.append({**base, "protocol": "training", "precision": prec,
                                     "policy": pol, "seed": seed, "epochs": self.epochs, **opt})
-                if "audit" in self.protocols:
+                if "audit" in self.protocols and self.engine == "numpy":
                     out.append({**base, "protocol": "audit", "precisions": self.audit_precisions,
                                 "seed": 0})
         for run in out:
@@ -119,8 +132,15 @@ def execute(config: dict) -> dict:
     """Run one configuration; returns {result, epochs, sites, seconds} (never raises)."""
     t0 = time.perf_counter()
     try:
-        fn = {"volume": _volume, "training": _training, "audit": _audit}[config["protocol"]]
-        result, epochs, sites = fn(config)
+        if config.get("engine", "numpy") == "torch":
+            from .torch_runs import execute as torch_execute
+
+            result, epochs, sites = torch_execute(config)
+        elif config.get("engine", "numpy") != "numpy":
+            raise ValueError(f"unknown engine {config['engine']!r}; valid: {', '.join(ENGINES)}")
+        else:
+            fn = {"volume": _volume, "training": _training, "audit": _audit}[config["protocol"]]
+            result, epochs, sites = fn(config)
         status, error = "done", None
     except Exception:  # recorded, so one bad cell does not stop the study
         result, epochs, sites = {}, [], []
@@ -223,8 +243,11 @@ def run_study(spec: StudySpec, db_path, workers: int = 2, progress: bool = True,
     runs = spec.runs()
     done = store.finished_ids()
     todo = [r for r in runs if r["run_id"] not in done]
-    log(f"study {spec.name!r}: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
-        f"{len(todo)} to run on {workers} worker(s); results in {db_path}")
+    engine = "" if spec.engine == "numpy" else f" (engine {spec.engine} on {spec.device})"
+    log(f"study {spec.name!r}{engine}: {len(runs)} runs, {len(runs) - len(todo)} already "
+        f"finished, {len(todo)} to run on {workers} worker(s); results in {db_path}")
+    if spec.engine != "numpy" and "audit" in spec.protocols:
+        log(f"note: the audit protocol is NumPy-only; skipped with engine {spec.engine!r}")
     failed = 0
     bar = None
     if progress and todo:

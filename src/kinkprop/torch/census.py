@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..textable import text_table
 from . import _scope
 
 _FIELDS = {
@@ -95,8 +96,7 @@ class CensusReading:
         for name, s in self.sites.items():
             detail = ", ".join(f"{k} {v}" for k, v in s.detail.items())
             rows.append((name, s.primitive, str(s.calls), str(s.evaluated), str(s.hits), detail))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = [text_table(rows[0], rows[1:], align="left")]
         lines.append(f"{self.hits} kink hit(s) in {self.evaluated} evaluated, {self.steps} "
                      f"step(s), {self.world_size} rank(s)")
         return "\n".join(lines)
