@@ -173,8 +173,12 @@ def _csv(text):
 @click.option("--spec", "spec_file", default=None,
               help="a JSON file of StudySpec fields (name, dataset, models, precisions, policies, "
                    "batch_norm, optimizers, seeds, epochs, ...) overriding the preset")
-@click.option("--db", default=None, help="results database [default: runs/study-NAME/results.db]")
+@click.option("--db", default=None, help="results database [default: runs/study-NAME/results.db, "
+              "runs/study-NAME-torch/results.db with --engine torch]")
 @click.option("--workers", default=2, show_default=True)
+@click.option("--engine", default=None, help="numpy (kinkprop's engine, the default) or torch "
+              "(PyTorch models under kinkprop.torch; the volume and training protocols)")
+@click.option("--device", default=None, help="--engine torch: cpu (the default), cuda or cuda:N")
 @click.option("--data-dir", default=None)
 @click.option("--precisions", default=None, help="override, e.g. fp64,fp32,bf16,fp16")
 @click.option("--policies", default=None, help="override, e.g. relu=0,relu=0.5,relu=1,directional,"
@@ -184,8 +188,8 @@ def _csv(text):
 @click.option("--epochs", default=None, type=int)
 @click.option("--protocols", default=None, help="override: volume,training,audit")
 @click.option("--progress/--no-progress", default=None)
-def study(preset, spec_file, db, workers, data_dir, precisions, policies, seeds, volume_seeds,
-          epochs, protocols, progress):
+def study(preset, spec_file, db, workers, engine, device, data_dir, precisions, policies, seeds,
+          volume_seeds, epochs, protocols, progress):
     """Does the choice of ReLU'(0) matter? Run a study grid, store it, report it (the main job)."""
     import copy
     import sys
@@ -194,7 +198,7 @@ def study(preset, spec_file, db, workers, data_dir, precisions, policies, seeds,
     from .kinks.policy import parse_policy
     from .precision import PRECISIONS
     from .study.report import write_report
-    from .study.runner import PRESETS, run_study
+    from .study.runner import ENGINES, PRESETS, run_study
 
     if preset not in PRESETS:
         _fail(ValueError(f"unknown study preset {preset!r}; valid: {', '.join(PRESETS)}"))
@@ -235,12 +239,27 @@ def study(preset, spec_file, db, workers, data_dir, precisions, policies, seeds,
             spec.data_dir = data_dir
         if workers < 1:
             raise ValueError("--workers must be >= 1")
+        if engine is not None:
+            spec.engine = engine
+        if device is not None:
+            spec.device = device
+        if spec.engine not in ENGINES:
+            raise ValueError(f"unknown engine {spec.engine!r}; valid: {', '.join(ENGINES)}")
+        if spec.engine == "numpy" and spec.device != "cpu":
+            raise ValueError(f"--device {spec.device}: the numpy engine runs on the CPU; use "
+                             "--engine torch for another device")
+        if spec.engine == "torch":
+            from .study.torch_runs import check_spec
+
+            for note in check_spec(spec):
+                click.echo(f"note: {note}", err=True)
         from .data import load_dataset
 
         load_dataset(spec.dataset, spec.data_dir)  # fail now, not in every worker
     except Exception as e:  # noqa: BLE001 - every bad input becomes one clear message
         _fail(e)
-    db = Path(db or f"runs/study-{spec.name}/results.db")
+    suffix = "" if spec.engine == "numpy" else f"-{spec.engine}"
+    db = Path(db or f"runs/study-{spec.name}{suffix}/results.db")
     progress = sys.stderr.isatty() if progress is None else progress
     try:
         outcome = run_study(spec, db, workers=workers, progress=progress,
@@ -254,7 +273,8 @@ def study(preset, spec_file, db, workers, data_dir, precisions, policies, seeds,
     report = write_report(db)
     click.echo("")
     click.echo("Why can ReLU networks be trained with backprop, and does ReLU'(0) matter? "
-               f"({spec.dataset}, {outcome['runs']} runs)")
+               f"({spec.dataset}, {outcome['runs']} runs"
+               + ("" if spec.engine == "numpy" else f", {spec.engine} on {spec.device}") + ")")
     for line in report["summary"]:
         click.echo(line)
     if outcome["failed"]:

@@ -69,7 +69,8 @@ def _key(cfg, *names):
 def _model_label(cfg):
     opts = cfg.get("model_opts") or {}
     label = cfg["model"] + ("-" + "x".join(map(str, opts["widths"])) if "widths" in opts else "")
-    return label + (" +BN" if cfg.get("batch_norm") else "")
+    label += " +BN" if cfg.get("batch_norm") else ""
+    return label + (f" [{cfg['engine']}]" if cfg.get("engine", "numpy") != "numpy" else "")
 
 
 def gather(store: Store) -> dict:

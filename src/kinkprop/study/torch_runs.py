@@ -51,6 +51,7 @@ DTYPES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "fp16": "flo
 MODEL_NAMES = ("mlp", "convnet", "lenet", "vgg", "resnet18")
 PROTOCOLS = ("volume", "training")
 INSTALL_HINT = "pip install 'kinkprop[torch]'"
+_WARNED: set = set()
 
 
 # -- checks ---------------------------------------------------------------------------------------
@@ -111,7 +112,8 @@ def check_policy(text: str):
 
 def check_spec(spec) -> list[str]:
     """Validate a study for the torch engine before any run starts; returns notes to show the
-    user (e.g. audit skipped, fp16 on CPU slow). Raises ValueError / ImportError."""
+    user (fp16 on the CPU is slow). Raises ValueError, or ImportError without torch. (The
+    runner notes that the audit protocol is skipped.)"""
     require_torch()
     check_device(spec.device)
     notes = []
@@ -123,8 +125,6 @@ def check_spec(spec) -> list[str]:
         if model not in MODEL_NAMES:
             raise ValueError(f"unknown model {model!r} for the torch engine; valid: "
                              f"{', '.join(MODEL_NAMES)}")
-    if "audit" in spec.protocols:
-        notes.append("the audit protocol is NumPy-only; skipped with --engine torch")
     if "fp16" in spec.precisions and spec.device == "cpu":
         notes.append("fp16 on the CPU: torch computes float16 matmuls there, but slowly")
     return notes
@@ -225,7 +225,9 @@ class _Setup:
         self.dtype = getattr(torch, DTYPES[config["precision"]])
         if self.dtype == torch.float16 and self.device.type == "cpu":
             msg = "fp16 on the CPU: torch computes float16 matmuls there, but slowly"
-            warnings.warn(msg, stacklevel=3)
+            if not _WARNED:  # once per process (each worker would repeat it per run)
+                _WARNED.add(msg)
+                warnings.warn(msg, stacklevel=3)
             self.notes.append(msg)
         data = data if data is not None else _dataset(config["dataset"], config["data_dir"])
         self.data = data
@@ -379,7 +381,7 @@ def training(config, data=None, model=None):
                     census.step()
                     reading = census.read()
                     _fold_sites(sites, reading)
-                    if directional is not None:
+                    if directional is not None and reading.hits:  # no hit: nothing swept
                         _fold_directional(directional, scope.report(warn=False))
                     if compare is not None and reading.hits:
                         changed += _differs_from_baseline(model, params, xb, yb, compare, scope)
@@ -469,7 +471,8 @@ def _differs_from_baseline(model, params, xb, yb, baseline, scope) -> bool:
 def volume(config, data=None, model=None):
     """The bifurcation volume for one initialisation (``seed``): one pass over the data, lr = 0;
     on each minibatch the first layer's weight gradient under ``relu=0`` and, when the census
-    shows a kink hit, under the run's policy; the run is "in S" when they differ on some batch."""
+    shows a kink hit, under the run's policy (``directional``: a direction drawn with seed
+    ``seed + batch index``); the run is "in S" when they differ on some batch."""
     import torch
 
     import kinkprop.torch as kpt
