@@ -105,8 +105,8 @@ def test_torch_study_writes_the_database_and_the_report(tmp_path):
     assert run_study(_spec(), db, workers=1, progress=False, log=lambda m: None)["ran"] == 0
     report = write_report(db)
     md = open(report["paths"]["markdown"]).read()
-    assert "| mlp-16 | sgd lr=0.05 | fp32 | relu=1 | 1 |" in md
-    assert "| mlp-16 | fp32 | relu=0 vs relu=1 | 0/1 |" in md
+    assert "| mlp-16 [torch] | sgd lr=0.05 | fp32 | relu=1 | 1 |" in md
+    assert "| mlp-16 [torch] | fp32 | relu=0 vs relu=1 | 0/1 |" in md
 
 
 def test_volume_detects_a_constructed_kink():
