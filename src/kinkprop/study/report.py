@@ -256,7 +256,8 @@ def plot_accuracy_vs_alpha(training, path) -> bool:
 
 
 def plot_taylor(audits, path) -> bool:
-    rows = [r for run in audits for r in run["result"].get("rows", [])]
+    rows = [r for run in audits for r in run["result"].get("rows", [])
+            if r["remainder"] > 0 and not r.get("at_floor")]  # below the rounding floor: noise
     if not rows:
         return False
     plt = _plt()
@@ -264,27 +265,29 @@ def plot_taylor(audits, path) -> bool:
     groups = defaultdict(list)
     for r in rows:
         groups[(r.get("precision"), r.get("kind"), r.get("direction"))].append(r)
-    colors = {}
+    precs = sorted({k[0] for k in groups}, key=_prec_order)
+    colors = {p: f"C{i}" for i, p in enumerate(precs)}
+    labelled = set()
     for (prec, kind, direction), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         rs.sort(key=lambda r: r["h"])
-        color = colors.setdefault(prec, f"C{len(colors)}")
         hs = [r["h"] for r in rs]
-        rem = [max(r["remainder"], 1e-300) for r in rs]
-        ax.plot(hs, rem, color=color, alpha=0.6, lw=1,
-                label=prec if list(colors).index(prec) == len(colors) - 1 and
-                not any(line.get_label() == prec for line in ax.lines) else None)
+        rem = [r["remainder"] for r in rs]
+        ax.plot(hs, rem, color=colors[prec], alpha=0.6, lw=1,
+                label=None if prec in labelled else prec)
+        labelled.add(prec)
         crossed = [(h, r) for h, r, x in zip(hs, rem, rs) if x.get("crossings")]
         if crossed:
-            ax.scatter(*zip(*crossed), color=color, marker="x", s=18)
+            ax.scatter(*zip(*crossed), color=colors[prec], marker="x", s=18)
     hs = sorted({r["h"] for r in rows})
-    if hs:
-        ax.plot(hs, [h ** 2 for h in hs], "k--", lw=0.8, label="slope 2")
-        ax.plot(hs, [h for h in hs], "k:", lw=0.8, label="slope 1")
+    if hs:  # reference slopes through the median remainder at the largest step
+        top = statistics.median(r["remainder"] for r in rows if r["h"] == hs[-1])
+        ax.plot(hs, [top * (h / hs[-1]) ** 2 for h in hs], "k--", lw=0.8, label="slope 2")
+        ax.plot(hs, [top * h / hs[-1] for h in hs], "k:", lw=0.8, label="slope 1")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("step h")
     ax.set_ylabel("|f(θ+hd) − f(θ) − h⟨∇f, d⟩|")
-    ax.set_title("Taylor remainder (x: segment crosses a kink)")
+    ax.set_title("Taylor remainder above the rounding floor (x: segment crosses a kink)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
