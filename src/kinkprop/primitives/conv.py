@@ -70,56 +70,55 @@ class _Geometry:
 # -- conv2d ------------------------------------------------------------------------------------
 
 
-def _im2col(xp, geo):
-    """Windows as an (N, C * kh * kw, OH * OW) array, filled one kernel offset at a time."""
+def _im2col_t(xp, geo):
+    """Windows as a (C * kh * kw, N * OH * OW) matrix, filled one kernel offset at a time."""
     n, c = xp.shape[:2]
-    cols = np.empty((n, c, geo.kh, geo.kw, geo.oh, geo.ow), dtype=xp.dtype)
+    cols = np.empty((c, geo.kh, geo.kw, n, geo.oh, geo.ow), dtype=xp.dtype)
+    xc = xp.transpose(1, 0, 2, 3)
     for k, sl in geo.offsets():
-        cols[:, :, k // geo.kw, k % geo.kw] = xp[sl]
-    return cols.reshape(n, c * geo.size, geo.oh * geo.ow)
+        cols[:, k // geo.kw, k % geo.kw] = xc[sl]
+    return cols.reshape(c * geo.size, n * geo.oh * geo.ow)
 
 
-def _conv_out(cols, w, geo):
-    """One batched GEMM, (O, C k k) @ (N, C k k, L): the result is already NCHW."""
-    out = np.matmul(w.reshape(w.shape[0], -1), cols)
-    return out.reshape(geo.shape[0], w.shape[0], geo.oh, geo.ow)
+def _conv_out(cols_t, w, geo):
+    out = w.reshape(w.shape[0], -1) @ cols_t  # (O, N * OH * OW)
+    return out.reshape(w.shape[0], geo.shape[0], geo.oh, geo.ow).transpose(1, 0, 2, 3)
 
 
 def _conv_fwd(x, w, *b, geo):
-    cols = _im2col(geo.pad(x), geo)
-    ans = _conv_out(cols, w, geo)
+    cols_t = _im2col_t(geo.pad(x), geo)
+    ans = np.ascontiguousarray(_conv_out(cols_t, w, geo))
     if b:
         ans += b[0][None, :, None, None]
-    return ans, (cols, w, geo)
+    return ans, (cols_t, w, geo)
 
 
 def _conv_vjp(g, res, needs, c):
-    cols, w, geo = res
+    cols_t, w, geo = res
     o = w.shape[0]
-    g3 = g.reshape(geo.shape[0], o, geo.oh * geo.ow)
+    g_t = g.transpose(1, 0, 2, 3).reshape(o, -1)  # (O, N * OH * OW)
     gx = gw = gb = None
     if needs[0]:
         n, c_in = geo.shape[:2]
-        dcols = np.matmul(w.reshape(o, -1).T, g3).reshape(n, c_in, geo.kh, geo.kw, geo.oh,
-                                                          geo.ow)
-        dxp = np.zeros((n, c_in, geo.hp, geo.wp), dtype=g.dtype)
-        for k, sl in geo.offsets():  # col2im: add whole slices, one kernel offset at a time
-            dxp[sl] += dcols[:, :, k // geo.kw, k % geo.kw]
-        gx = geo.unpad(dxp)
+        dcols = (w.reshape(o, -1).T @ g_t).reshape(c_in, geo.kh, geo.kw, n, geo.oh, geo.ow)
+        dxp = np.zeros((c_in, n, geo.hp, geo.wp), dtype=g.dtype)
+        for k, sl in geo.offsets():
+            dxp[sl] += dcols[:, k // geo.kw, k % geo.kw]
+        gx = np.ascontiguousarray(geo.unpad(dxp.transpose(1, 0, 2, 3)))
     if needs[1]:
-        gw = np.matmul(g3, cols.transpose(0, 2, 1)).sum(axis=0).reshape(w.shape)
+        gw = (g_t @ cols_t.T).reshape(w.shape)
     if len(needs) > 2 and needs[2]:
-        gb = g3.sum(axis=(0, 2))
+        gb = g_t.sum(axis=1)
     return (gx, gw, gb)[:len(needs)]
 
 
 def _conv_jvp(ts, res, c):
-    cols, w, geo = res
+    cols_t, w, geo = res
     out = 0.0
     if ts[0] is not None:
-        out = _conv_out(_im2col(geo.pad(ts[0]), geo), w, geo)
+        out = _conv_out(_im2col_t(geo.pad(ts[0]), geo), w, geo)
     if ts[1] is not None:
-        out = out + _conv_out(cols, ts[1], geo)
+        out = out + _conv_out(cols_t, ts[1], geo)
     if len(ts) > 2 and ts[2] is not None:
         out = out + ts[2][None, :, None, None]
     return out
