@@ -178,53 +178,51 @@ def _plt():
     return plt
 
 
-def plot_share_in_s(volume, path) -> bool:
-    if not volume:
-        return False
+def _grouped_bars(path, precs, series, ylabel, title, log=False, ylim=None) -> bool:
+    """One group of bars per precision, one bar per (label, values) series."""
     plt = _plt()
-    precs = sorted({k[1] for k in volume}, key=_prec_order)
-    pols = sorted({(k[0], k[2]) for k in volume})
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    width = 0.8 / max(len(pols), 1)
-    for j, (model, pol) in enumerate(pols):
-        shares = [100 * statistics.fmean(r["in_s"] for r in volume.get((model, p, pol), [])
-                                         or [{"in_s": 0}]) for p in precs]
-        ax.bar([i + j * width for i in range(len(precs))], shares, width,
-               label=f"{model}: {BASELINE} vs {pol}")
-    ax.set_xticks([i + width * (len(pols) - 1) / 2 for i in range(len(precs))], precs)
-    ax.set_ylabel("initialisations in S (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("Share of initialisations whose first-layer gradient changes with ReLU'(0)")
+    width = 0.8 / max(len(series), 1)
+    for j, (label, values) in enumerate(series):
+        ax.bar([i + j * width for i in range(len(precs))], values, width, label=label)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(precs))], precs)
+    if log:
+        ax.set_yscale("log")
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_share_in_s(volume, path) -> bool:
+    if not volume:
+        return False
+    precs = sorted({k[1] for k in volume}, key=_prec_order)
+    series = [(f"{model}: {BASELINE} vs {pol}",
+               [100 * statistics.fmean(r["in_s"] for r in volume.get((model, p, pol), [])
+                                       or [{"in_s": 0}]) for p in precs])
+              for model, pol in sorted({(k[0], k[2]) for k in volume})]
+    return _grouped_bars(path, precs, series, "initialisations in S (%)",
+                         "Share of initialisations whose first-layer gradient changes with "
+                         "ReLU'(0)", ylim=(0, 105))
 
 
 def plot_hit_rates(training, path) -> bool:
     hits = site_hits(training)
     if not hits:
         return False
-    plt = _plt()
     precs = sorted({k[0] for k in hits}, key=_prec_order)
-    sites = sorted({k[1] for k in hits})
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    width = 0.8 / max(len(sites), 1)
-    for j, site in enumerate(sites):
-        rates = [hits[(p, site)][0] / hits[(p, site)][1] if hits[(p, site)][1] else 0
-                 for p in precs]
-        ax.bar([i + j * width for i in range(len(precs))], [max(r, 1e-12) for r in rates],
-               width, label=site)
-    ax.set_yscale("log")
-    ax.set_xticks([i + width * (len(sites) - 1) / 2 for i in range(len(precs))], precs)
-    ax.set_ylabel("exact kink hits per element evaluated")
-    ax.set_title("Kink hit rate per precision and layer (training, all policies)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    series = [(site, [max(hits[(p, site)][0] / hits[(p, site)][1] if hits[(p, site)][1] else 0,
+                          1e-12) for p in precs])
+              for site in sorted({k[1] for k in hits})]
+    return _grouped_bars(path, precs, series, "exact kink hits per element evaluated",
+                         "Kink hit rate per precision and layer (training, all policies)",
+                         log=True)
 
 
 def plot_accuracy_vs_alpha(training, path) -> bool:
