@@ -314,14 +314,15 @@ def summary_lines(data) -> list[str]:
     lines = []
     vol = data["volume"]
     if vol:
-        by_prec = defaultdict(list)
+        by_prec = defaultdict(lambda: defaultdict(list))
         for (model, prec, pol), results in vol.items():
             if _alpha(pol) == 1.0:
-                by_prec[prec] += [r["in_s"] for r in results]
+                by_prec[prec][model] += [r["in_s"] for r in results]
         for prec in sorted(by_prec, key=_prec_order):
-            v = by_prec[prec]
-            lines.append(f"- {prec}: ReLU'(0)=0 vs 1 changed the first-layer gradient for "
-                         f"{sum(v)}/{len(v)} initialisations within one pass over the data.")
+            parts = ", ".join(f"{sum(v)}/{len(v)} ({model})"
+                              for model, v in sorted(by_prec[prec].items()))
+            lines.append(f"- {prec}: ReLU'(0)=0 vs 1 changed the first-layer gradient within one "
+                         f"pass over the data for {parts} initialisations.")
         zero = defaultdict(lambda: [0, 0])
         for (model, prec, pol), results in vol.items():
             for r in results:
