@@ -31,8 +31,7 @@ import numpy as np
 from .. import autodiff, tape
 from ..kinks import directional
 from ..kinks.policy import Policy, current_policy, kink_policy, make_policy, parse_policy
-from ..precision import is_float
-from ..tensor import Tensor
+from .gradcheck import prepare_args
 
 
 @dataclass
@@ -152,7 +151,7 @@ def check_generalized(f: Callable, *args, policy: str | Policy | None = None, n_
     if not t > 0:
         raise ValueError(f"check_generalized: t must be positive, got {t}")
     pol = _policy(policy)
-    arrays, nums = _prepare(args, argnums)
+    arrays, nums = prepare_args(args, argnums, "check_generalized")
     saved_report = directional.last_report
     try:
         base = _trace(f, arrays, nums, pol, seed)
@@ -202,24 +201,6 @@ def _policy(policy) -> Policy:
     if isinstance(policy, str) and ("=" in policy or "," in policy):
         return parse_policy(policy)
     return make_policy(policy)
-
-
-def _prepare(args, argnums) -> tuple[list[np.ndarray], tuple[int, ...]]:
-    arrays = [a.data if isinstance(a, Tensor) else np.asarray(a) for a in args]
-    n = len(arrays)
-    if argnums is None:
-        nums = tuple(i for i, a in enumerate(arrays) if is_float(a.dtype))
-        if not nums:
-            raise ValueError("check_generalized: no floating-point argument; pass argnums")
-    else:
-        nums = (argnums,) if isinstance(argnums, (int, np.integer)) else tuple(argnums)
-        if any(not -n <= i < n for i in nums):
-            raise ValueError(f"check_generalized: argnums {argnums} out of range for {n} "
-                             "arguments")
-        nums = tuple(sorted({int(i) % n for i in nums}))
-    for i in nums:
-        arrays[i] = arrays[i].astype(np.float64)
-    return arrays, nums
 
 
 def _trace(f, arrays, nums, pol: Policy, seed, skip_on_kink=False) -> _Trace | None:

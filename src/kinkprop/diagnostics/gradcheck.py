@@ -113,22 +113,24 @@ def _as_array(a) -> np.ndarray:
     return a.data if isinstance(a, Tensor) else np.asarray(a)
 
 
-def _prepare(args, argnums) -> tuple[list[np.ndarray], tuple[int, ...]]:
+def prepare_args(args, argnums, name: str = "check") -> tuple[list[np.ndarray], tuple[int, ...]]:
+    """float64 copies of the differentiated arguments (``argnums``; None: every float argument),
+    the others as arrays; errors name the caller."""
     arrays = [_as_array(a) for a in args]
     n = len(arrays)
     if argnums is None:
         nums = tuple(i for i, a in enumerate(arrays) if is_float(a.dtype))
         if not nums:
-            raise ValueError("check: no floating-point argument to differentiate; pass argnums")
+            raise ValueError(f"{name}: no floating-point argument to differentiate; pass argnums")
     else:
         nums = (argnums,) if isinstance(argnums, (int, np.integer)) else tuple(argnums)
         for i in nums:
             if not -n <= i < n:
-                raise ValueError(f"check: argnums {argnums} out of range for {n} arguments")
+                raise ValueError(f"{name}: argnums {argnums} out of range for {n} arguments")
         nums = tuple(sorted({int(i) % n for i in nums}))
     for i in nums:
         if arrays[i].dtype.kind not in "fiub":
-            raise TypeError(f"check: argument {i} has dtype {arrays[i].dtype}, not a real number")
+            raise TypeError(f"{name}: argument {i} has dtype {arrays[i].dtype}, not a real number")
         arrays[i] = arrays[i].astype(np.float64)
     return arrays, nums
 
@@ -193,7 +195,7 @@ def check_grad(f: Callable, args: Sequence, argnums: int | Sequence[int] | None 
                          f"got {modes}")
     if not eps > 0:
         raise ValueError(f"check_grad: eps must be positive, got {eps}")
-    arrays, nums = _prepare(args, argnums)
+    arrays, nums = prepare_args(args, argnums)
     g = _restrict(f, arrays, nums)
     primals = [arrays[i] for i in nums]
 
@@ -247,7 +249,7 @@ def check_adjoint(f: Callable, args: Sequence, argnums: int | Sequence[int] | No
 
     Returns a :class:`GradcheckReport`; raises :class:`GradcheckError` on a mismatch.
     """
-    arrays, nums = _prepare(args, argnums)
+    arrays, nums = prepare_args(args, argnums)
     g = _restrict(f, arrays, nums)
     primals = [arrays[i] for i in nums]
     out, vjp_fn = autodiff.vjp(g, *primals)

@@ -178,6 +178,16 @@ def _plt():
     return plt
 
 
+def _save(fig, ax, path) -> bool:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _grouped_bars(path, precs, series, ylabel, title, log=False, ylim=None) -> bool:
     """One group of bars per precision, one bar per (label, values) series."""
     plt = _plt()
@@ -192,11 +202,7 @@ def _grouped_bars(path, precs, series, ylabel, title, log=False, ylim=None) -> b
         ax.set_ylim(*ylim)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path)
 
 
 def plot_share_in_s(volume, path) -> bool:
@@ -246,11 +252,7 @@ def plot_accuracy_vs_alpha(training, path) -> bool:
     ax.set_xlabel("ReLU'(0)")
     ax.set_ylabel("final test accuracy (%), mean ± std over seeds")
     ax.set_title("Accuracy vs the value chosen at the kink")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path)
 
 
 def plot_taylor(audits, path) -> bool:
@@ -286,11 +288,7 @@ def plot_taylor(audits, path) -> bool:
     ax.set_xlabel("step h")
     ax.set_ylabel("|f(θ+hd) − f(θ) − h⟨∇f, d⟩|")
     ax.set_title("Taylor remainder above the rounding floor (x: segment crosses a kink)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path)
 
 
 def _alpha(policy: str):
