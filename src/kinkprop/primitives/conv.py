@@ -106,21 +106,38 @@ def _conv_vjp(g, res, needs, c):
             dxp[sl] += dcols[:, k // geo.kw, k % geo.kw]
         gx = np.ascontiguousarray(geo.unpad(dxp.transpose(1, 0, 2, 3)))
     if needs[1]:
-        gw = (g_t @ cols_t.T).reshape(w.shape)
+        # (cols g^T)^T rather than g cols^T: OpenBLAS runs this long-K product with few output
+        # rows about 1.5x faster in this orientation
+        gw = (cols_t @ g_t.T).T.reshape(w.shape)
     if len(needs) > 2 and needs[2]:
         gb = g_t.sum(axis=1)
     return (gx, gw, gb)[:len(needs)]
 
 
 def _conv_jvp(ts, res, c):
+    """conv(t_x, w) + conv(x, t_w) + t_b. The terms are summed in place as (O, N * OH * OW)
+    matrices (the t_w term reuses the forward's saved columns) and transposed to NCHW once."""
     cols_t, w, geo = res
-    out = 0.0
+    o, n = w.shape[0], geo.shape[0]
+    out = None
     if ts[0] is not None:
-        out = _conv_out(_im2col_t(geo.pad(ts[0]), geo), w, geo)
+        out = w.reshape(o, -1) @ _im2col_t(geo.pad(ts[0]), geo)
     if ts[1] is not None:
-        out = out + _conv_out(cols_t, ts[1], geo)
+        out = _add_term(out, ts[1].reshape(o, -1) @ cols_t)
     if len(ts) > 2 and ts[2] is not None:
-        out = out + ts[2][None, :, None, None]
+        if out is None:  # only the bias moves
+            out = np.zeros((o, n * geo.oh * geo.ow), dtype=ts[2].dtype)
+        out = _add_term(out, ts[2][:, None])
+    return out.reshape(o, n, geo.oh, geo.ow).transpose(1, 0, 2, 3)
+
+
+def _add_term(out, term):
+    """``out + term``, in place where that keeps the promoted dtype (``out`` is a fresh array)."""
+    if out is None:
+        return term
+    if np.result_type(out, term) != out.dtype:
+        return out + term
+    out += term
     return out
 
 
