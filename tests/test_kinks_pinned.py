@@ -69,6 +69,8 @@ PRESET_CASES = [
     ("relu6", kp.relu6, [[-1.0, NEG0, 0.0, 3.0, 6.0, 7.0]], 0, by_preset([0, 0, 0, 1, 0, 0])),
     ("hardtanh", kp.hardtanh, [[-2.0, -1.0, 0.0, 1.0, 2.0]], 0,
      by_preset([0, 0, 1, 0, 0], jax=[0, 1, 1, 1, 0], tensorflow=[0, 1, 1, 1, 0])),
+    ("hardswish", kp.hardswish, [[-4.0, -3.0, NEG0, 0.0, 1.5, 3.0, 4.0]], 0,
+     by_preset([0, 0, 0.5, 0.5, 1, 1, 1])),
     ("hardtanh_0_6", lambda x: kp.hardtanh(x, 0.0, 6.0), [[NEG0, 0.0, 3.0, 6.0]], 0,
      by_preset([0, 0, 1, 0], jax=[1, 1, 1, 1], tensorflow=[1, 1, 1, 1])),
     ("clamp", lambda x: kp.clamp(x, -1.0, 1.0), [[-2.0, -1.0, 0.0, 1.0, 2.0]], 0,
@@ -150,7 +152,7 @@ def test_preset_at_kinks(preset, name, f, xs, wrt, expected):
 
 
 def test_every_non_smooth_primitive_is_pinned_under_every_preset():
-    covered = {"relu", "leaky_relu", "abs", "relu6", "hardtanh", "clamp", "maximum", "minimum",
+    covered = {"relu", "leaky_relu", "abs", "relu6", "hardtanh", "hardswish", "clamp", "maximum", "minimum",
                "max", "max_axis", "min", "min_axis", "max_pool2d", "l1_loss"}
     assert covered == set(SPECS)
 
@@ -206,6 +208,10 @@ CALL_CASES = [
      0, [0, 1, 1, 1, 0.5, 0]),
     ("relu6_right_left", lambda x: kp.relu6(x, at_kink=("right", "left")),
      [[NEG0, 0.0, 6.0]], 0, [1, 1, 1]),
+    ("hardswish_right_left", lambda x: kp.hardswish(x, at_kink=("right", "left")),
+     [[-4.0, -3.0, 3.0, 4.0]], 0, [0, -0.5, 1.5, 1]),
+    ("hardswish_-0.25_1.25", lambda x: kp.hardswish(x, at_kink=(-0.25, 1.25)),
+     [[-3.0, 0.0, 3.0]], 0, [-0.25, 0.5, 1.25]),
     ("hardtanh_left_right", lambda x: kp.hardtanh(x, -1, 1, at_kink=("left", "right")),
      [[-1.0, 0.0, 1.0]], 0, [0, 1, 0]),
     ("hardtanh_0.5_1", lambda x: kp.hardtanh(x, -2, 3, at_kink=(0.5, 1)),

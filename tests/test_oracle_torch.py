@@ -198,6 +198,8 @@ KINK_CASES = [
     ("abs", kp.abs, torch.abs, lambda r: [kinky(r, (5, 7))], ""),
     ("relu6", kp.relu6, F.relu6, lambda r: [kinky(r, (5, 7))], ""),
     ("hardtanh", kp.hardtanh, F.hardtanh, lambda r: [kinky(r, (5, 7))], ""),
+    ("hardswish", kp.hardswish, F.hardswish,
+     lambda r: [r.choice([-4.0, -3.0, -1.5, 0.0, 3.0, 4.5], (5, 7))], ""),
     ("hardtanh_-2_3", lambda x: kp.hardtanh(x, -2, 3), lambda x: F.hardtanh(x, -2.0, 3.0),
      lambda r: [kinky(r, (5, 7)) * 0.5 + r.choice([-1.0, 0.0, 1.0, 2.0], (5, 7))], ""),
     ("clamp_scalar", lambda x: kp.clamp(x, -1, 1), lambda x: torch.clamp(x, -1.0, 1.0),

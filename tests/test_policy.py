@@ -136,6 +136,7 @@ def test_preset_table_matches_references_section_4():
         "relu6": ((0.0, 0.0),) * 4,
         "hardtanh": ((0.0, 0.0), (0.0, 0.0), (1.0, 1.0), (1.0, 1.0)),
         "clamp": ((1.0, 1.0), (0.0, 0.0), (0.5, 0.5), (1.0, 1.0)),
+        "hardswish": ((0.0, 1.0),) * 4,  # TensorFlow: "-" in the table; inherits PyTorch's
         "maximum": ("split", "split", "split", "first"),
         "minimum": ("split", "split", "split", "first"),
         "max": ("split",) * 4,

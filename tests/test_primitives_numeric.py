@@ -465,6 +465,7 @@ for _name, _op, _kinks, _k in [
     ("leaky_relu", lambda x: kp.leaky_relu(x, 0.2), [0.0], (-4, 4)),
     ("abs", kp.abs, [0.0], (-4, 4)),
     ("relu6", kp.relu6, [0.0, 6.0], (-2, 14)),
+    ("hardswish", kp.hardswish, [-3.0, 3.0], (-6, 6)),
     ("hardtanh", lambda x: kp.hardtanh(x, -1.5, 1.0), [-1.5, 1.0], (-5, 4)),
     ("clamp[scalar]", lambda x: kp.clamp(x, -1.0, 1.5), [-1.0, 1.5], (-4, 5)),
     ("clamp[scalar_min_only]", lambda x: kp.clamp(x, min=0.5), [0.5], (-3, 3)),
@@ -631,12 +632,13 @@ POLICIES = {
     "tensorflow": ("tensorflow", {}),
     "relu=0.5,ties=split": ("pytorch", {
         "relu": 0.5, "leaky_relu": 0.5, "abs": 0.5, "relu6": (0.5, 0.5), "hardtanh": (0.5, 0.5),
+        "hardswish": (-0.25, 1.25),
         "clamp": (0.5, 0.5), "l1_loss": 0.5,
         **{k: "split" for k in ("maximum", "minimum", "max", "max_axis", "min", "min_axis",
                                 "max_pool2d")}}),
     "right,ties=last": ("pytorch", {
         "relu": "right", "leaky_relu": "right", "abs": "right", "relu6": ("right", "left"),
-        "hardtanh": (1.0, 0.0), "clamp": (0.0, 1.0), "l1_loss": "left",
+        "hardswish": ("right", "left"), "hardtanh": (1.0, 0.0), "clamp": (0.0, 1.0), "l1_loss": "left",
         **{k: "last" for k in ("maximum", "minimum", "max", "max_axis", "min", "min_axis",
                                "max_pool2d")}}),
 }
@@ -719,6 +721,7 @@ def test_adjoint_at_kinks(case, policy):
     (kp.abs, [np.array([-1.0, 0.0, 1.0])]),
     (kp.relu6, [np.array([-1.0, 0.0, 3.0, 6.0, 7.0])]),
     (kp.hardtanh, [np.array([-2.0, -1.0, 0.0, 1.0, 2.0])]),
+    (kp.hardswish, [np.array([-4.0, -3.0, 0.0, 3.0, 4.0])]),
     (lambda x: kp.clamp(x, -1.0, 1.0), [np.array([-2.0, -1.0, 0.0, 1.0, 2.0])]),
     (kp.clamp, [np.array([-1.0, 0.0, 1.0]), np.array([-1.0, -1.0, -1.0]), np.array([1.0])]),
     (kp.maximum, [np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])]),
@@ -730,8 +733,8 @@ def test_adjoint_at_kinks(case, policy):
     (lambda x: kp.max_pool2d(x, 3, stride=1, padding=1), [np.ones((1, 2, 3, 3))]),
     (kp.l1_loss, [np.array([1.0, 2.0, 3.0]), np.array([1.0, 0.0, 3.0])]),
     (kp.hinge_loss, [np.array([1.0, -1.0, 0.5]), np.array([1.0, 1.0, -1.0])]),
-], ids=["relu", "relu_signed_zero", "leaky_relu", "abs", "relu6", "hardtanh", "clamp",
-        "clamp_tensor", "maximum_all_tied", "minimum_broadcast_ties", "max_all_equal",
+], ids=["relu", "relu_signed_zero", "leaky_relu", "abs", "relu6", "hardtanh", "hardswish",
+        "clamp", "clamp_tensor", "maximum_all_tied", "minimum_broadcast_ties", "max_all_equal",
         "max_axis_ties", "min_axis_keepdims_ties", "max_pool_constant", "max_pool_overlapping",
         "l1_loss", "hinge_loss"])
 def test_adjoint_pinned_kinks(f, args, policy):

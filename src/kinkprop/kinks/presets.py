@@ -25,6 +25,9 @@ _PYTORCH_2_13 = {
     "relu6": (0.0, 0.0),
     "hardtanh": (0.0, 0.0),
     "clamp": (1.0, 1.0),
+    # hardswish: the left derivative at -3, the right one at 3 (jax.nn.hard_swish in JAX 0.10.2
+    # gives the same, both modes; TensorFlow has no hardswish op: its entry is inherited, unmeasured)
+    "hardswish": (0.0, 1.0),
     "maximum": "split",
     "minimum": "split",
     "max": "split",

@@ -6,7 +6,8 @@ there:
 
 ``"value"``  one elementwise kink; the policy gives the derivative used at the kink (a number, or
              ``"left"`` / ``"right"`` for the one-sided derivative from that side).
-``"pair"``   two elementwise kinks (clamp, hardtanh, relu6); the policy gives ``(at_low, at_high)``.
+``"pair"``   two elementwise kinks (clamp, hardtanh, relu6, hardswish); the policy gives
+             ``(at_low, at_high)``.
 ``"ties"``   several inputs share the winning value (maximum, max reductions, max-pool windows); the
              policy names how the gradient is shared: ``"split"`` (equal shares), ``"first"`` or
              ``"last"`` (row-major order, all of it to one input).
@@ -165,6 +166,8 @@ SPECS: dict[str, KinkSpec] = {s.name: s for s in [
     _pair("hardtanh", "x = min_val", "x = max_val", "min(max(x, min_val), max_val)"),
     _pair("clamp", "x = min", "x = max",
           "min(max(x, min), max); with tensor bounds a bound gets 1 - (x's share)"),
+    KinkSpec("hardswish", "pair", "x * relu6(x + 3) / 6",
+             (Kink("x = -3", 0.0, -0.5), Kink("x = 3", 1.5, 1.0)), "[-0.5, 0] at -3, [1, 1.5] at 3"),
     _ties("maximum", "elementwise max(a, b); ties a = b"),
     _ties("minimum", "elementwise min(a, b); ties a = b"),
     _ties("max", "max over all elements (axis=None)"),

@@ -8,6 +8,7 @@ from .layers import (
                      Conv2d,
                      Dropout,
                      Flatten,
+                     Hardswish,
                      Hardtanh,
                      Identity,
                      LeakyReLU,
@@ -23,5 +24,5 @@ from .module import Module, Parameter, Sequential, manual_seed
 
 __all__ = ["init", "Module", "Parameter", "Sequential", "manual_seed", "Linear", "Conv2d",
            "MaxPool2d", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Dropout", "Flatten",
-           "Identity", "ReLU", "LeakyReLU", "ReLU6", "Hardtanh", "Sigmoid", "Tanh", "MODELS",
+           "Identity", "ReLU", "LeakyReLU", "ReLU6", "Hardtanh", "Hardswish", "Sigmoid", "Tanh", "MODELS",
            "build_model"]

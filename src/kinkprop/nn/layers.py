@@ -217,6 +217,15 @@ class Hardtanh(Module):
         return P.hardtanh(x, self.min_val, self.max_val, at_kink=self.at_kink)
 
 
+class Hardswish(Module):
+    def __init__(self, at_kink=None):
+        super().__init__()
+        self.at_kink = at_kink
+
+    def forward(self, x):
+        return P.hardswish(x, at_kink=self.at_kink)
+
+
 class Sigmoid(Module):
     def forward(self, x):
         return P.sigmoid(x)

@@ -24,6 +24,7 @@ from .nonsmooth import (
                           UnresolvedKinkError,
                           abs,
                           clamp,
+                          hardswish,
                           hardtanh,
                           leaky_relu,
                           max,
@@ -58,5 +59,6 @@ __all__ = [
     "logsumexp", "reshape", "transpose", "permute", "swapaxes", "broadcast_to", "expand_dims",
     "unsqueeze", "squeeze", "flatten", "concatenate", "cat", "stack", "pad", "getitem",
     "conv2d", "avg_pool2d", "max_pool2d", "cross_entropy", "mse_loss", "l1_loss", "hinge_loss",
-    "relu", "leaky_relu", "abs", "relu6", "hardtanh", "clamp", "maximum", "minimum", "max", "min",
+    "relu", "leaky_relu", "abs", "relu6", "hardtanh", "hardswish", "clamp", "maximum", "minimum",
+    "max", "min",
 ]

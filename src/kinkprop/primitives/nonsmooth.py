@@ -138,6 +138,7 @@ _LOCATIONS = {
     "l1_loss": lambda: (0.0,),
     "relu6": lambda: (0.0, 6.0),
     "hardtanh": lambda lo, hi: (lo, hi),
+    "hardswish": lambda: (-3.0, 3.0),
     # min > max: the output is the constant max, no kink to write (as PyTorch, 0 everywhere)
     "clamp": lambda lo, hi: (None, None) if None not in (lo, hi) and lo > hi else (lo, hi),
 }
@@ -156,6 +157,16 @@ _relu6 = _elementwise_kink(
 _hardtanh = _elementwise_kink(
     "hardtanh", "hardtanh", lambda x, lo, hi: np.clip(x, lo, hi), _between,
     _LOCATIONS["hardtanh"])
+
+
+def _hardswish_d(x):
+    """(2x + 3) / 6 on (-3, 3), 0 below, 1 above (as x / 3 + 1/2, PyTorch's formula)."""
+    return np.where(x < -3.0, 0.0, np.where(x > 3.0, 1.0, x / 3.0 + 0.5)).astype(x.dtype)
+
+
+_hardswish = _elementwise_kink(
+    "hardswish", "hardswish", lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0, _hardswish_d,
+    _LOCATIONS["hardswish"])
 _clamp = _elementwise_kink(
     "clamp", "clamp", lambda x, lo, hi: np.clip(x, lo, hi), _between, _LOCATIONS["clamp"])
 
@@ -194,6 +205,12 @@ def hardtanh(x, min_val: float = -1.0, max_val: float = 1.0, at_kink=None) -> Te
         raise ValueError(f"hardtanh: min_val {min_val} must not exceed max_val {max_val}")
     return apply(_hardtanh, (as_tensor(x),), {"lo": float(min_val), "hi": float(max_val)},
                  choice=choose("hardtanh", at_kink))
+
+
+def hardswish(x, at_kink=None) -> Tensor:
+    """x * relu6(x + 3) / 6, with kinks at -3 (one-sided derivatives 0 and -1/2) and 3 (3/2 and 1).
+    ``at_kink = (at -3, at 3)``: PyTorch and JAX use (0, 1), the derivative of the outer pieces."""
+    return apply(_hardswish, (as_tensor(x),), choice=choose("hardswish", at_kink))
 
 
 def clamp(x, min=None, max=None, at_kink=None) -> Tensor:  # noqa: A002 - mirrors torch.clamp
