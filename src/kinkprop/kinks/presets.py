@@ -1,6 +1,7 @@
 """Framework presets: what real frameworks compute at each kink, as data naming the version.
 
-Measured on CPU (see ../shared/REFERENCES.md section 4 and ``tests/test_oracle_torch.py``).
+Measured on CPU (see ../shared/REFERENCES.md section 4, ``tests/test_oracle_torch.py`` and
+``tests/test_oracle_jax.py``).
 ``"left"`` / ``"right"`` mean the one-sided derivative from that side of the kink (for leaky_relu,
 ``"left"`` is the slope). Tie rules: ``"split"`` equal shares, ``"first"`` / ``"last"`` in row-major
 order.
