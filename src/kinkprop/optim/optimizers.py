@@ -3,7 +3,9 @@
 Updates run in place through per-parameter scratch buffers allocated once, so a step makes no fresh
 temporaries per parameter. Low-precision parameters (float16, bfloat16) follow the engine's rounding
 contract: the update is computed in float32 and the result rounded to the parameter's format; the
-optimizer state (momentum, moments) is kept in float32.
+optimizer state (momentum, moments) is kept in float32. Their float32 copies of parameter and
+gradient live in buffers allocated once too (float16 goes through kinkprop's vectorised casts), and
+the rounded result is written into the parameter's own array.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 
 import numpy as np
 
-from ..precision import LOW_PRECISION, float32
+from ..precision import LOW_PRECISION, float16, float32, float_to_half, half_to_float
 
 
 class Optimizer:
@@ -42,11 +44,11 @@ class Optimizer:
             if p.grad is None:
                 continue
             if p.dtype in LOW_PRECISION:  # compute in float32, round the result once
-                w = p.data.astype(float32)
-                g = self._buffers("_grad32")[i]
-                np.copyto(g, p.grad, casting="unsafe")
+                w, g = self._buffers("_param32")[i], self._buffers("_grad32")[i]
+                _upcast(p.data, w)
+                _upcast(p.grad, g)
                 self._update(i, w, g)
-                p.data[...] = w
+                _round_into(w, p.data)
             else:  # in place; the gradient itself is only read
                 self._update(i, p.data, p.grad)
 
@@ -76,6 +78,22 @@ class Optimizer:
 
 def _work_dtype(dtype):
     return float32 if dtype in LOW_PRECISION else dtype
+
+
+def _upcast(a: np.ndarray, out: np.ndarray) -> None:
+    """out[...] = a in float32 (exact), through kinkprop's fast float16 cast."""
+    if a.dtype == float16:
+        half_to_float(a, out)
+    else:
+        np.copyto(out, a, casting="unsafe")
+
+
+def _round_into(w: np.ndarray, data: np.ndarray) -> None:
+    """data[...] = w rounded to nearest even, in place (the parameter keeps its array)."""
+    if data.dtype == float16:
+        float_to_half(w, data)
+    else:
+        data[...] = w
 
 
 class SGD(Optimizer):

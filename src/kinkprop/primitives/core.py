@@ -16,7 +16,8 @@ Rule signatures (``res`` is whatever the forward chose to save, computed once):
     that picks the pieces active along the directions, compared lexicographically (``ts_dirs`` holds
     one list of input tangents per direction), and a mask of kink elements still tied after all.
 
-Arrays reaching the rules are in compute precision (see :mod:`kinkprop.precision`).
+Arrays reaching the rules are in compute precision (see :mod:`kinkprop.precision`), except in the
+forward of a primitive that only moves elements (``moves``), which sees float16 arrays as they are.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from .. import tape
 from ..kinks.policy import current_policy
 from ..kinks.spec import SPECS, KinkSpec
-from ..precision import _Emulation, result_dtype, to_compute, to_storage
+from ..precision import ROUND_TRIP_EXACT, _Emulation, result_dtype, to_compute, to_storage
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +46,9 @@ class Primitive:
     kink_mask: Callable | None = None
     select: Callable | None = None
     count: Callable | None = None
+    #: the forward only moves, copies or selects elements (reshape, transpose, indexing, ...):
+    #: applied to float16 bits directly it gives what the float32 round trip would (see ``apply``)
+    moves: bool = False
 
     def hits(self, res) -> int:
         """How many output elements sit exactly on a kink (see ``kink_mask``)."""
@@ -61,9 +65,9 @@ PRIMITIVES: dict[str, Primitive] = {}
 
 
 def register(name, forward, vjp, jvp, kink: str | None = None, kink_mask=None, select=None,
-             count=None) -> Primitive:
+             count=None, moves: bool = False) -> Primitive:
     prim = Primitive(name, forward, vjp, jvp, SPECS[kink] if kink else None, kink_mask, select,
-                     count)
+                     count, moves)
     PRIMITIVES[name] = prim
     return prim
 
@@ -105,7 +109,11 @@ def apply(prim: Primitive, tensors: tuple, params: dict | None = None, choice=No
     from ..tensor import Tensor
 
     dtype = result_dtype(*(t.data.dtype for t in tensors))
-    arrays = [to_compute(t.data) for t in tensors]
+    if prim.moves and dtype in ROUND_TRIP_EXACT and _Emulation.round is None and all(
+            t.data.dtype == dtype for t in tensors):
+        arrays = [t.data for t in tensors]  # the upcast and the rounding would give these bits
+    else:
+        arrays = [to_compute(t.data) for t in tensors]
     ans, res = prim.forward(*arrays, **(params or {}))
     if _Emulation.round is not None:
         ans = _Emulation.round(ans)

@@ -20,6 +20,7 @@ def _linear(name, f, transpose):
         forward,
         lambda g, res, needs, c: (transpose(g, *res),),
         lambda ts, res, c: f(ts[0], **res[1]),
+        moves=True,
     )
 
 
@@ -173,6 +174,7 @@ _concatenate = register(
     "concatenate", _concat_fwd,
     lambda g, res, needs, c: tuple(_split_back(g, res[:2])),
     _concat_jvp,
+    moves=True,
 )
 
 
