@@ -646,3 +646,64 @@ def test_direction_forms():
     with kp.directional_options(directions=[{other: np.ones(2)}]), \
             pytest.raises(ValueError, match="not a differentiated input"):
         loss.backward()
+
+
+# -- the sweep's economies: none may change a choice -------------------------------------------
+
+
+def test_random_direction_is_drawn_over_the_inputs_a_kink_depends_on_only():
+    # b reaches no kink site: the seeded draw goes to a alone, and b's component could not
+    # change the choice anyway
+    def f(a, b):
+        return kp.relu(a).sum() + (b * b).sum()
+
+    a0, b0 = np.array([0.0, 0.0, 1.0]), np.array([2.0, -1.0])
+    d_a = np.random.default_rng(4).standard_normal(3)
+    got = grad_dir(f, a0, b0, seed=4)
+    want = grad_dir(f, a0, b0, directions=[[d_a, np.zeros(2)]])
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert np.array_equal(got[0], [float(d_a[0] > 0), float(d_a[1] > 0), 1.0])
+
+
+def test_sweep_stops_at_the_last_kink_site_and_drops_tangents_once_read():
+    x = kp.tensor(np.array([[0.0, -1.0], [2.0, 0.0]]), requires_grad=True)
+    w = kp.tensor(np.array([[1.0, 0.0], [0.0, 1.0]]), requires_grad=True)
+    with kp.kink_policy("directional"):
+        h = kp.relu(x @ w)
+        last = kp.max(h, axis=1)  # the last kink site: nothing after it needs a tangent
+        loss = (last * 3.0).sum()
+    hit = [t._node for t in tape.toposort(loss) if t._node is not None
+           and t._node.prim.kink is not None]
+    only, readers = tape.tangent_plan(hit)
+    assert id(loss._node) not in only and id(last) not in readers
+    seen = []
+
+    def on_kink(node, ts_dirs):
+        seen.append(node.prim.name)
+        return node.prim.select(ts_dirs, node.res)[0]
+
+    outs = tape.forward_sweep(loss, [{id(x): np.ones((2, 2)), id(w): np.zeros((2, 2))}],
+                              on_kink=on_kink, only=only, readers=readers)
+    assert seen == ["relu", "max_axis"]
+    # every tangent was read and dropped; the last site's was never computed
+    assert set(outs[0]) == {id(x), id(w)}
+
+
+def test_max_pool_selection_keeps_the_tangent_its_jvp_would_compute():
+    from kinkprop.primitives.core import PRIMITIVES
+
+    pool = PRIMITIVES["max_pool2d"]
+    rng = np.random.default_rng(0)
+    x = kp.tensor(rng.integers(0, 3, (3, 2, 6, 6)).astype(np.float32), requires_grad=True)
+    with kp.kink_policy("directional"):
+        out = kp.max_pool2d(x, 2)
+    res = out._node.res
+    t_in = rng.standard_normal(x.shape).astype(np.float32)
+    choice, tied = pool.select([[t_in]], res)
+    kept = pool.jvp([t_in], res, choice)  # taken from the selection
+    again = pool.jvp([t_in], res, choice)  # computed
+    assert np.array_equal(kept, again) and kept.dtype == np.float32
+    # a kept tangent lives only as long as its input tangent (at a last site no JVP takes it)
+    choice, _ = pool.select([[t_in]], res)
+    del t_in
+    assert choice.take_tangent(None) is None and not choice._kept

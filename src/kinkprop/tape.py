@@ -164,20 +164,35 @@ def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
 
 def ancestors(nodes) -> set[int]:
     """Ids of ``nodes`` and of every node they depend on."""
+    return tangent_plan(nodes)[0]
+
+
+def tangent_plan(nodes) -> tuple[set[int], dict[int, int]]:
+    """``(only, readers)`` for a :func:`forward_sweep` that has to reach ``nodes`` and no further:
+    the ids of ``nodes`` and of every node they depend on, and, keyed by the ``id`` of its output
+    tensor, how many of them read the output of each one that another of them reads."""
     seen: set[int] = set()
+    readers: dict[int, int] = {}
     stack = list(nodes)
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        stack.extend(p._node for p in node.parents if p is not None and p._node is not None)
-    return seen
+        for p in _recorded_parents(node):
+            readers[id(p)] = readers.get(id(p), 0) + 1
+            stack.append(p._node)
+    return seen, readers
+
+
+def _recorded_parents(node) -> list[Tensor]:
+    """The distinct parents of ``node`` that are outputs of recorded nodes (not leaves)."""
+    return list({id(p): p for p in node.parents if p is not None and p._node is not None}.values())
 
 
 def forward_sweep(root: Tensor, tangents: list[dict[int, np.ndarray]],
-                  on_kink: Callable | None = None, only: set[int] | None = None
-                  ) -> list[dict[int, np.ndarray]]:
+                  on_kink: Callable | None = None, only: set[int] | None = None,
+                  readers: dict[int, int] | None = None) -> list[dict[int, np.ndarray]]:
     """Push tangents through the recorded tape to ``root``, for one or several directions at once.
 
     ``tangents`` holds, per direction, the tangents of input tensors keyed by ``id``. Each node's
@@ -186,9 +201,15 @@ def forward_sweep(root: Tensor, tangents: list[dict[int, np.ndarray]],
     there, seeing every direction's input tangents). ``only`` restricts the sweep to the nodes
     with those ids (e.g. the :func:`ancestors` of the nodes whose tangents are wanted). Returns, per
     direction, the tangent of every tensor reached.
+
+    With ``readers`` (from :func:`tangent_plan`, for the sweeps that want the choices made in
+    ``on_kink`` and not the tangents), a node whose output no node reads runs no JVP, and each
+    tangent is dropped once its last reader has run, so that the sweep holds at most the tangents
+    still to be read; the result then holds little more than the input tangents.
     """
     order = toposort(root)
     outs = [dict(t) for t in tangents]
+    left = None if readers is None else dict(readers)  # reads still to come, per tensor
     for t in reversed(order):
         node = t._node
         if node is None or id(t) in outs[0] or (only is not None and id(node) not in only):
@@ -203,6 +224,19 @@ def forward_sweep(root: Tensor, tangents: list[dict[int, np.ndarray]],
         ts_dirs = [[None if x is None else to_compute(x) for x in ts] for ts in ts_dirs]
         if on_kink is not None and node.choice is not None:
             node.choice = on_kink(node, ts_dirs)
+        if readers is not None:
+            _drop_read(outs, node, left)
+            if id(t) not in readers:
+                continue  # nothing reads this tangent (a last kink site): no JVP
         for out, ts in zip(outs, ts_dirs):
             out[id(t)] = to_storage(node.prim.jvp(ts, node.res, node.choice), t.dtype)
     return outs
+
+
+def _drop_read(outs, node, left) -> None:
+    """Count ``node``'s read of each parent's tangent; drop those that no reader still needs."""
+    for p in _recorded_parents(node):
+        left[id(p)] -= 1
+        if not left[id(p)]:
+            for out in outs:
+                out.pop(id(p), None)

@@ -5,9 +5,11 @@ Method (Kakade & Lee 2018, with lexicographic tie-breaking after Nesterov 2005 a
 
 1. draws a direction ``d`` over the differentiated inputs from a seeded generator, or takes the
    directions given in :func:`directional_options`. The differentiated inputs are ``kp.grad``'s
-   ``argnums`` in order, or, for ``loss.backward()``, every leaf tensor that requires grad;
+   ``argnums`` in order, or, for ``loss.backward()``, every leaf tensor that requires grad; a random
+   ``d`` is drawn only over those that some kink site hit depends on (the other components could
+   not change any choice);
 2. sweeps the recorded tape forward with tangents along ``d`` (each primitive's JVP, with the primal
-   values saved in the forward pass);
+   values saved in the forward pass), up to the last kink site hit and no further;
 3. at each kink site selects the piece active on ``theta + t d`` as ``t -> 0+``: the sign of the
    tangent for elementwise kinks, the largest tangent among tied inputs for maximum, max reductions
    and max-pool windows. Later sites see the choices made upstream. Where the tangent is exactly 0
@@ -254,15 +256,17 @@ def resolve(root, nodes=None, leaves=None, order=None) -> Report:
 
     if leaves is None:
         leaves = [t for t in reversed(order) if t._node is None and t.requires_grad]
-    source = _Directions(opts, leaves)
-    report.explicit = opts.directions is not None
     hit_nodes = [node for node in nodes if id(node) in hit]
+    # the sweep visits the hit nodes and what they depend on, nothing after the last of them
+    plan = tape.tangent_plan(hit_nodes)
+    source = _Directions(opts, leaves, reach=_read_by(order, plan[0]))
+    report.explicit = opts.directions is not None
 
     # first sweep with one direction; a second with all of them only if a kink stayed tied
     n_dirs = 1
     while True:
         dirs = source.take(n_dirs)
-        stats = _sweep(root, leaves, dirs, hit_nodes, fallback)
+        stats = _sweep(root, source.leaves, dirs, hit_nodes, plan, fallback)
         left = sum(s[1] for s in stats.values())
         more = min(opts.max_directions, source.available(opts.max_directions))
         if left == 0 or len(dirs) >= more or not (report.explicit or opts.refine):
@@ -307,9 +311,10 @@ def resolve(root, nodes=None, leaves=None, order=None) -> Report:
     return report
 
 
-def _sweep(root, leaves, dirs, hit_nodes, fallback) -> dict[int, tuple[list[int], int]]:
-    """One tangent sweep along ``dirs``; selects at the hit nodes. Returns, per node, the count
-    of elements still tied after each prefix of the directions, and the final count."""
+def _sweep(root, leaves, dirs, hit_nodes, plan, fallback) -> dict[int, tuple[list[int], int]]:
+    """One tangent sweep along ``dirs`` over the nodes of ``plan`` (:func:`tape.tangent_plan` of
+    ``hit_nodes``); selects at the hit nodes. Returns, per node, the count of elements still tied
+    after each prefix of the directions, and the final count."""
     pending = {id(n) for n in hit_nodes}
     stats: dict[int, tuple[list[int], int]] = {}
 
@@ -319,13 +324,19 @@ def _sweep(root, leaves, dirs, hit_nodes, fallback) -> dict[int, tuple[list[int]
         return _select(node, ts_dirs, stats, fallback)
 
     tangents = [{id(t): d for t, d in zip(leaves, ds)} for ds in dirs]
-    # only the nodes the kink sites depend on: nothing after the last site that hit a kink
-    tape.forward_sweep(root, tangents, on_kink=on_kink, only=tape.ancestors(hit_nodes))
+    only, readers = plan
+    tape.forward_sweep(root, tangents, on_kink=on_kink, only=only, readers=readers)
     for node in hit_nodes:  # no tangent reached it (it depends on no differentiated input)
         if id(node) not in stats:
             zeros = [None if p is None else np.zeros(p.shape) for p in node.parents]
             node.choice = _select(node, [zeros] * len(dirs), stats, fallback)
     return stats
+
+
+def _read_by(order, only) -> set[int]:
+    """Ids of the tensors that the nodes with ids in ``only`` read."""
+    return {id(p) for t in order if t._node is not None and id(t._node) in only
+            for p in t._node.parents if p is not None}
 
 
 def _select(node, ts_dirs, stats, fallback):
@@ -383,16 +394,19 @@ def _patch_unresolved(node, choice, unresolved, fallback):
 
 
 class _Directions:
-    """Directions over ``leaves``: the given ones, or random ones drawn (lazily) from the
-    options' generator."""
+    """Directions over :attr:`leaves`: the given ones (over every leaf), or random ones drawn
+    (lazily) from the options' generator over the leaves with ids in ``reach`` only: the sweep
+    reads no other, so their components could not change any choice."""
 
-    def __init__(self, opts: DirectionalOptions, leaves):
+    def __init__(self, opts: DirectionalOptions, leaves, reach=None):
         self.opts = opts
-        self.leaves = leaves
         self.drawn: list[list[np.ndarray]] = []
         self.given = None if opts.directions is None else list(opts.directions)
         if self.given is not None and not self.given:
             raise ValueError("directional_options: directions is empty")
+        if self.given is None and reach is not None:
+            leaves = [leaf for leaf in leaves if id(leaf) in reach]
+        self.leaves = leaves
 
     def available(self, n: int) -> int:
         return n if self.given is None else min(n, len(self.given))

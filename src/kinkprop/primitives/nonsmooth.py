@@ -102,18 +102,28 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
         return mask
 
     def select(ts_dirs, res):
-        """Directional: the one-sided derivative on the side the tangent points to."""
+        """Directional: the one-sided derivative on the side the tangent points to.
+
+        Only the elements on a kink are looked at: one pass finds them, the rest works on those
+        alone. The rules read the choice nowhere else, so it holds the left derivative there."""
         x, p = res
-        t = lex_first_nonzero(ts_dirs, lambda ts: tangent(ts, 0, x))
         out, unresolved = [], np.zeros(x.shape, bool)
         for (left, right), loc in zip(SPECS[kink].one_sided(p.get("slope")), locations(**p)):
-            out.append(np.where(t > 0, right, left).astype(x.dtype))
-            if loc is not None:
-                unresolved |= (x == loc) & (t == 0)
+            out.append(np.full(x.shape, left, x.dtype))
+            at = np.empty(0, np.intp) if loc is None else np.flatnonzero(x == loc)
+            if at.size:
+                t = lex_first_nonzero(ts_dirs, lambda ts, at=at: _flat_tangent(ts, at))
+                out[-1].flat[at] = np.where(t > 0, right, left)
+                unresolved.flat[at] |= t == 0
         return (out[0] if SPECS[kink].kind == "value" else tuple(out)), unresolved
 
     return register(name, forward, vjp, jvp, kink=kink, kink_mask=kink_mask, select=select,
                     count=count)
+
+
+def _flat_tangent(ts, at):
+    """Input 0's tangent at the flat (C-order) positions ``at``; zeros for a constant input."""
+    return np.zeros(at.shape) if ts[0] is None else np.asarray(ts[0]).flat[at]
 
 
 class _Params(dict):
