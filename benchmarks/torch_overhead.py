@@ -16,12 +16,12 @@ Configurations, each a full SGD step (zero_grad, forward, cross-entropy, backwar
 
 Runs are interleaved (every repetition runs each configuration once, in a rotating order), so
 load drifts hit all configurations alike. Reported per configuration: the median wall time of a
-step, its ratio to native's median, the median over repetitions of the ratio to the native step
-of the same repetition, and the median process CPU time with its ratio (on a shared CPU with
+step, its ratio to native's median, the min / median / max over repetitions of the ratio to the
+native step of the same repetition, and the same for the process CPU time (on a shared CPU with
 ``--threads 1`` the CPU time is the steadier figure: time the process spends preempted does not
-count). The targets: <= 1.10 for the policy and the census, <= 2 for directional on steps that
-hit kinks (the census line under each dtype shows they do). A table is printed and a JSON file
-written.
+count). The first line names the device (for a CPU its model and torch's vector ISA).
+The targets: <= 1.10 for the policy and the census, <= 2 for directional on steps that hit kinks
+(the census line under each dtype shows they do). A table is printed and a JSON file written.
 """
 
 from __future__ import annotations
@@ -122,12 +122,30 @@ def run(args, dtype) -> dict:
         entry = {"median_s": med, "times_s": times[c], "cpu_times_s": cpu[c],
                  "median_cpu_s": statistics.median(cpu[c])}
         if native:
+            paired = sorted(t / n for t, n in zip(times[c], native))
             entry["ratio_of_medians"] = med / statistics.median(native)
-            entry["median_paired_ratio"] = statistics.median(
-                t / n for t, n in zip(times[c], native))
+            entry["median_paired_ratio"] = statistics.median(paired)
+            entry["paired_ratio_min_max"] = [paired[0], paired[-1]]
             entry["cpu_ratio_of_medians"] = entry["median_cpu_s"] / statistics.median(native_cpu)
+            paired = sorted(t / n for t, n in zip(cpu[c], native_cpu))
+            entry["cpu_paired_ratio_min_med_max"] = [paired[0], statistics.median(paired),
+                                                     paired[-1]]
         out["configs"][c] = entry
     return out
+
+
+def _device_name(device: str) -> str:
+    """What produced the numbers: the GPU's name, or the CPU's model and torch's vector ISA."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{device} ({model}, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def main(argv=None):
@@ -147,8 +165,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {
-        "device": (torch.cuda.get_device_name(torch.device(args.device))
-                   if args.device.startswith("cuda") else args.device),
+        "device": _device_name(args.device),
         "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "batch": args.batch, "size": args.size,
         "stem": args.stem, "reps": args.reps, "warmup": args.warmup, "runs": [],
@@ -160,15 +177,19 @@ def main(argv=None):
     print(f"ResNet-18 training step on {results['device']} (torch {results['torch']}, "
           f"{results['threads']} threads), batch {args.batch}, {args.size}x{args.size}, "
           f"{args.reps} interleaved reps; wall {results['wall_s']:.0f} s")
-    print(f"{'dtype':9s} {'config':14s} {'median ms':>10s} {'ratio':>7s} {'paired':>7s} "
-          f"{'cpu ms':>8s} {'cpu ratio':>9s}")
+    print(f"{'dtype':9s} {'config':14s} {'median ms':>10s} {'ratio':>6s} "
+          f"{'paired min/med/max':>18s} {'cpu ms':>10s} {'cpu ratio':>9s} "
+          f"{'cpu paired min/med/max':>22s}")
+    nan = float("nan")
     for r in results["runs"]:
         for c, e in r["configs"].items():
+            lo, hi = e.get("paired_ratio_min_max", (nan, nan))
+            clo, cmed, chi = e.get("cpu_paired_ratio_min_med_max", (nan, nan, nan))
             print(f"{r['dtype']:9s} {c:14s} {e['median_s'] * 1e3:10.1f} "
-                  f"{e.get('ratio_of_medians', float('nan')):7.3f} "
-                  f"{e.get('median_paired_ratio', float('nan')):7.3f} "
-                  f"{e['median_cpu_s'] * 1e3:8.1f} "
-                  f"{e.get('cpu_ratio_of_medians', float('nan')):9.3f}")
+                  f"{e.get('ratio_of_medians', nan):6.3f} "
+                  f"{lo:6.3f}/{e.get('median_paired_ratio', nan):5.3f}/{hi:5.3f} "
+                  f"{e['median_cpu_s'] * 1e3:10.1f} {e.get('cpu_ratio_of_medians', nan):9.3f} "
+                  f"{clo:10.3f}/{cmed:5.3f}/{chi:5.3f}")
         print(f"{r['dtype']:9s} kink hits per step: {r['kink_hits_per_step']} of "
               f"{r['evaluated_per_step']} evaluated")
     with open(args.json, "w") as f:

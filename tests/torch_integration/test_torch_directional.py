@@ -142,8 +142,11 @@ def test_seeded_directions_are_reproducible_and_fresh_each_step():
     for a, b in zip(runs[0], runs[1]):
         assert all(torch.equal(p, q) for p, q in zip(a, b))
     assert not torch.equal(runs[0][0][0], runs[0][1][0])  # a new direction per forward
-    g = torch.Generator().manual_seed(5)
-    first = [torch.randn(p.shape, generator=g, dtype=D) for p in model.parameters()]
+    # the draw: uniform on [-1, 1] from the CPU generator's raw 64-bit words (NumPy's SFC64
+    # seeded with the seed), k / 2^63 in float64
+    bits = np.random.SFC64(5)
+    first = [torch.from_numpy(bits.random_raw(p.numel()).view(np.int64)).reshape(p.shape).to(D)
+             * 2.0**-63 for p in model.parameters()]
     assert all(torch.equal(p, q) for p, q in zip(first, runs[0][0]))
 
 

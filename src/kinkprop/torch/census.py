@@ -162,21 +162,25 @@ class Census:
             gathered = [None] * world
             dist.all_gather_object(gathered, names)
             names = list(dict.fromkeys(item for part in gathered for item in map(tuple, part)))
-        device = self._device(distributed)
-        rows = []
-        for name, prim in names:
-            site = self._sites.get(name)
-            if site is None:
-                rows.append(torch.zeros(4, dtype=torch.int64, device=device))
-                continue
-            head = torch.tensor([site.calls, site.evaluated], dtype=torch.int64)
-            rows.append(torch.cat([head.to(device, non_blocking=True),
-                                   _pad2(site.counts).to(device)]))
-        table = torch.stack(rows) if rows else torch.zeros((0, 4), dtype=torch.int64,
-                                                           device=device)
         if distributed:
+            device = self._device(distributed)
+            rows = []
+            for name, prim in names:
+                site = self._sites.get(name)
+                if site is None:
+                    rows.append(torch.zeros(4, dtype=torch.int64, device=device))
+                    continue
+                head = torch.tensor([site.calls, site.evaluated], dtype=torch.int64)
+                rows.append(torch.cat([head.to(device, non_blocking=True),
+                                       _pad2(site.counts).to(device)]))
+            table = torch.stack(rows) if rows else torch.zeros((0, 4), dtype=torch.int64,
+                                                               device=device)
             dist.all_reduce(table)
-        values = table.cpu().tolist()
+            values = table.cpu().tolist()
+        else:  # one stack and one transfer; calls and evaluated are host numbers already
+            sites = [self._sites[name] for name, _ in names]
+            counts = torch.stack([_pad2(s.counts) for s in sites]).cpu().tolist() if sites else []
+            values = [(s.calls, s.evaluated, *c) for s, c in zip(sites, counts)]
         sites = {}
         for (name, prim), (calls, evaluated, c0, c1) in zip(names, values):
             fields = _FIELDS.get(prim, ("hits",))
@@ -195,7 +199,7 @@ class Census:
 
 
 def _pad2(counts: torch.Tensor) -> torch.Tensor:
-    counts = counts.reshape(-1)
-    if counts.numel() == 2:
+    if counts.shape == (2,):
         return counts
+    counts = counts.reshape(-1)
     return torch.cat([counts, counts.new_zeros(2 - counts.numel())])

@@ -32,7 +32,13 @@ F.l1_loss                                        l1_loss       |input - target| 
 Where the policy's rule *is* torch's definition (relu with 0 at 0: torch differentiates relu
 through its output, ``threshold_backward``; max-pool ``"first"``: torch routes the gradient to the
 argmax index, the first maximum in row-major order) the native op runs, with no extra cost. Inputs
-that need no gradient (and carry no tangent) run natively too.
+that need no gradient (and carry no tangent) run natively too. A NaN input is on no kink: relu's
+derivative there is 0, as the NumPy engine's ``x > 0`` (torch's own passes the gradient).
+
+In the directional policy's pass F.batch_norm with batch statistics is rerouted too (its tangent
+from native kernels, :func:`batch_norm_tangent`; the forward and backward are torch's).
+On a CPU the directional max-pool handles its (rare) tied windows by index (reading their number
+costs no device sync there; :data:`SPARSE_ON_CPU`), with the results of the dense rule.
 
 Weights and local derivatives are computed in the input's dtype; for 16-bit inputs in float32
 unless every value they hold is exact in 16 bits (then ``g * d``, computed in float32 by torch and
@@ -425,29 +431,49 @@ def _local(x, ew, params, locs, values, dtype):
 
 
 def _relu_local(x, v, dtype):
-    """relu's derivative with ``v`` at 0, in float arithmetic on sign(x) (comparisons making
-    boolean masks cost several times more on CPU): clamp(sign(x) + v, 0, 1) for v in [0, 1]."""
-    s = torch.sign(x.to(dtype))
-    if 0.0 <= v <= 1.0:
-        return s.add_(v).clamp_(0.0, 1.0) if v else s.clamp_(min=0.0)
-    return s.clamp(0.0, 1.0).add_(s.abs_().sub_(1.0), alpha=-v)  # v where sign(x) = 0
+    """relu's derivative with ``v`` at 0: 1 where x > 0, ``v`` where x = 0 (+0.0 or -0.0), 0
+    elsewhere (NaN too, as the NumPy engine's ``x > 0``). Each comparison is written straight
+    into a ``dtype`` tensor (``out=``): one vectorised pass, where a boolean mask and its cast cost
+    several times more on CPUs. ``v = 1`` (the common non-torch choice) is the single ``x >= 0``."""
+    d = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if v == 1.0:
+        return torch.ge(x, 0, out=d)
+    torch.gt(x, 0, out=d)
+    if v:  # + v where x = 0: exact, v is representable in dtype (see _wdtype)
+        d.add_(torch.eq(x, 0, out=torch.empty_like(d)), alpha=v)
+    return d
+
+
+#: Tied windows are rare: on the CPU (where reading their number costs no device sync) the
+#: directional max-pool handles them by index (see :func:`_pool_by_index`) instead of comparing
+#: tangents over every window; elsewhere it runs branch-free.
+SPARSE_ON_CPU = True
+#: The max-pool rules handled by index on the CPU. ``"split"`` and ``"last"`` give bitwise the same
+#: by index, but with the many tied windows of a relu -> max-pool (all-zero windows) their dense
+#: weights cost less.
+BY_INDEX_RULES = {DIRECTIONAL}
 
 
 def _relu_directional(fr, x, xd, dtype):
-    """relu's derivative along the tangent t: 1 where x > 0, or x = 0 and t > 0; the fallback
-    value where x = 0 and t = 0 (unresolved). With s = 2 sign(x) + sign(t) that is
-    clamp(s, 0, 1), and s = 0 exactly at the unresolved elements."""
+    """relu's derivative along the tangent t: 1 where x > 0, or x = 0 and t > 0; 0 where x < 0
+    (or NaN), or x = 0 and t < 0; the fallback value where x = 0 and t is 0 or NaN (unresolved).
+    """
     t = _tangent(fr, x)
     fb = SPECS["relu"].resolve(_fallback(fr)["relu"])
-    s = torch.sign(xd.to(dtype))
+    d = torch.gt(xd, 0, out=torch.empty(xd.shape, dtype=dtype, device=xd.device))
     hits = _zeros(xd)
-    if t is not None:
-        s = torch.add(torch.sign(t.to(dtype)), s, alpha=2.0)
-    unresolved = _zeros(s)
-    _record(fr, "relu", hits, unresolved)
-    d = s.clamp(0.0, 1.0)
+    kink = torch.eq(xd, 0, out=torch.empty_like(d))
+    if t is None:
+        d.add_(kink, alpha=fb)
+        _record(fr, "relu", hits, hits)
+        return d
+    pos = torch.gt(t, 0, out=torch.empty_like(d))
+    moves = torch.gt(t.abs(), 0, out=torch.empty_like(d))  # 0 where t is 0 or NaN
+    tied = torch.addcmul(kink, kink, moves, value=-1.0)
+    d.addcmul_(kink, pos)
     if fb:
-        d.masked_fill_(s == 0, fb)
+        d.add_(tied, alpha=fb)
+    _record(fr, "relu", hits, _count(tied))
     return d
 
 
@@ -716,6 +742,8 @@ class PoolGeometry:
         h, w = shape[-2:]
         self.k = kh * kw
         self.out_shape = (*shape[:-2], oh, ow)
+        self.in_hw, self.stride = (h, w), (sh, sw)
+        self.offsets = [(i * dh - ph, j * dw - pw) for i in range(kh) for j in range(kw)]
         self.pairs = []
         for i in range(kh):
             rows = _valid(i * dh - ph, sh, oh, h)
@@ -733,9 +761,10 @@ class PoolGeometry:
 
 def _pool_hits(xd, best, geo, dtype):
     """Per kernel offset, 1.0 where the window's maximum sits there (1 + sign(x - best): float
-    arithmetic, cheaper than boolean masks; x stays in its dtype, the result is ``dtype``), and
-    how many maxima each window has."""
+    arithmetic, cheaper than boolean masks; the result is ``dtype``), and how many maxima each
+    window has."""
     best = best.to(dtype)
+    xd = xd.to(dtype)  # 16-bit: one cast here, not a mixed-dtype subtraction per offset
     count = torch.zeros(best.shape, dtype=dtype, device=best.device)
     hits = []
     for pair in geo.pairs:
@@ -747,6 +776,149 @@ def _pool_hits(xd, best, geo, dtype):
         count[o] += h
         hits.append(h)
     return hits, count
+
+
+def _pool_count(xd, best, geo, dtype):
+    """How many maxima each window has (:func:`_pool_hits` without keeping the hits)."""
+    best = best.to(dtype)
+    xd = xd.to(dtype)
+    count = torch.zeros(best.shape, dtype=dtype, device=best.device)
+    for pair in geo.pairs:
+        if pair is not None:
+            i, o = pair
+            count[o] += torch.sub(xd[i], best[o]).sign_().add_(1.0)
+    return count
+
+
+def _pool_by_index(fr, rule, x, xd, best, indices, geo, count, dtype):
+    """The split, last and directional rules by index (CPU: reading how many windows are tied
+    costs no device sync). Outside tied windows every rule routes the gradient to the unique
+    maximum, torch's own index, so torch's kernels do that part; the (rare) tied windows are
+    looked at one by one. Returns the indices to route by and the ``fix`` for the tied windows
+    (None without one): per tied window the weight of each kernel offset (``wts``, K x T) and the
+    inputs they read (``flat``); and for every input that wins in a tied window (``inputs``) its
+    gradient rebuilt from scratch: per kernel offset, in reverse order as the dense rule adds
+    them (:class:`_MaxPool`), the window it sits in (``windows``) and its weight there
+    (``weights``), so the result is bitwise the dense rule's."""
+    idx = indices.contiguous()
+    tied = torch.nonzero(count.reshape(-1) > 1).squeeze(1)
+    unresolved = _zero_count(best)
+    n_tied = tied.numel()
+    fix = None
+    dev = tied.device
+    (h, w), (sh, sw) = geo.in_hw, geo.stride
+    oh, ow = geo.out_shape[-2:]
+    if n_tied:
+        plane, rem = tied // (oh * ow), tied % (oh * ow)
+        di, dj = (torch.tensor(o, device=dev)[:, None] for o in zip(*geo.offsets))
+        rows, cols = rem // ow * sh + di, rem % ow * sw + dj  # (K, T): what each tied window reads
+        valid = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+        flat = plane * (h * w) + rows.clamp_(0, h - 1) * w + cols.clamp_(0, w - 1)
+        maxima = valid & (torch.take(xd, flat) == torch.take(best, tied))
+        some = maxima.any(0)  # a NaN maximum equals nothing: torch's routing stays
+        tied, flat, maxima = tied[some], flat[:, some], maxima[:, some]
+    if tied.numel():
+        k_all = torch.arange(geo.k, device=dev)[:, None]
+        if rule == "split":  # weight = hit * (1 / count), as the dense rule's g * scale
+            wts = maxima.to(dtype) * maxima.sum(0).to(dtype).reciprocal_()
+        elif rule == "last":
+            last = geo.k - 1 - maxima.flip(0).to(torch.uint8).argmax(0)
+            wts = (k_all == last).to(dtype)
+        else:  # directional: among the maxima the largest tangent wins
+            t = _tangent(fr, x)
+            winners = maxima
+            if t is not None:
+                tv = torch.take(t, flat).to(dtype).masked_fill_(~maxima, -math.inf)
+                winners = maxima & (tv == tv.amax(0))
+                winners = torch.where(winners.any(0), winners, maxima)  # (NaN tangents)
+            cnt = winners.sum(0)
+            wts = winners.to(dtype) / cnt
+            unresolved = _count(cnt > 1)
+        chosen = (wts > 0).to(torch.uint8).argmax(0)
+        idx = idx.clone()
+        idx.view(-1)[tied] = flat.gather(0, chosen[None])[0] % (h * w)
+        inputs = torch.unique(flat[wts > 0])
+        fix = {"tied": tied, "flat": flat, "wts": wts, "inputs": inputs}
+        fix["windows"], fix["weights"] = _pool_windows_of(inputs, geo, tied, wts, indices, dtype)
+    if rule == DIRECTIONAL:
+        _record(fr, "max_pool2d", torch.tensor(n_tied), unresolved)
+    return idx, fix
+
+
+def _pool_windows_of(inputs, geo, tied, wts, indices, dtype):
+    """For inputs (flat indices), per kernel offset k: the window where each sits at offset k
+    (K x E, flat output indices; any valid one where none) and its weight there: ``wts`` in a
+    tied window, 1 in an untied one whose maximum it is (torch's index), else 0."""
+    dev = inputs.device
+    (h, w), (sh, sw) = geo.in_hw, geo.stride
+    oh, ow = geo.out_shape[-2:]
+    kh, kw = len({o[0] for o in geo.offsets}), len({o[1] for o in geo.offsets})
+    plane, pos = inputs // (h * w), inputs % (h * w)
+
+    def axis(coord, offsets, stride, n_out):
+        # window index along one axis: (coord - offset) / stride, where it divides and fits
+        lo = -min(offsets)
+        q, m = torch.div(coord + lo, stride, rounding_mode="floor"), (coord + lo) % stride
+        a = torch.tensor(offsets, device=dev)[:, None] + lo  # >= 0
+        r = q - torch.div(a, stride, rounding_mode="floor")
+        return (m == a % stride) & (r >= 0) & (r < n_out), r.clamp_(0, n_out - 1)
+
+    row_ok, r = axis(pos // w, [o[0] for o in geo.offsets[::kw]], sh, oh)
+    col_ok, c = axis(pos % w, [o[1] for o in geo.offsets[:kw]], sw, ow)
+    ok = (row_ok[:, None] & col_ok[None]).reshape(kh * kw, -1)
+    windows = (plane * (oh * ow) + (r * ow)[:, None] + c[None]).reshape(kh * kw, -1)
+    slot = torch.full((indices.numel(),), tied.numel(), dtype=torch.int64, device=dev)
+    slot[tied] = torch.arange(tied.numel(), device=dev)
+    at = slot[windows].masked_fill_(~ok, tied.numel())  # wts' column; T: not a tied window
+    pad = torch.cat([wts, wts.new_zeros((wts.shape[0], 1))], 1)
+    untied = ok & (at == tied.numel()) & (torch.take(indices, windows) == pos)
+    return windows, pad.gather(1, at) + untied.to(dtype)
+
+
+class _PoolIndexed(torch.autograd.Function):
+    """Max-pooling routed by ``idx`` (one input per window) through torch's own kernels, with
+    the tied windows' ``fix`` from :func:`_pool_by_index`. Backward and JVP in float32 for 16-bit
+    inputs (the dense rule's precision), each result rounded once."""
+
+    @staticmethod
+    def forward(ctx, x, out, pool, idx, fix):
+        ctx.pool, ctx.idx, ctx.fix = pool, idx, fix
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        dtype = _wdtype(g.dtype)
+        gd = g.to(dtype).contiguous()
+        # the kernel reads only the input's shape: a broadcast scalar, no allocation
+        like = torch.zeros((), dtype=dtype, device=g.device).expand(ctx.x_shape)
+        dx = torch.ops.aten.max_pool2d_with_indices_backward(gd, like, *ctx.pool, ctx.idx)
+        fix = ctx.fix
+        if fix is not None:
+            # w * g rounded, as the dense rule's addcmul_(hit, g * scale), then summed from
+            # +0.0 in reverse offset order
+            parts = fix["weights"] * gd.reshape(-1)[fix["windows"]]
+            acc = torch.zeros(parts.shape[1:], dtype=dtype, device=g.device)
+            for k in reversed(range(parts.shape[0])):
+                acc += parts[k]
+            dx.view(-1)[fix["inputs"]] = acc
+        return dx.to(ctx.x_dtype), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t, *_):
+        idx = ctx.idx
+        out = t.reshape(*t.shape[:-2], -1).gather(-1, idx.reshape(*idx.shape[:-2], -1))
+        out = out.reshape(idx.shape)
+        fix = ctx.fix
+        if fix is not None:
+            dtype = _wdtype(t.dtype)
+            tv = torch.take(t, fix["flat"]).to(dtype)
+            wts = fix["wts"]
+            acc = torch.zeros(tv.shape[1:], dtype=dtype, device=t.device)
+            for k in range(tv.shape[0]):
+                acc.addcmul_(tv[k], wts[k])  # the dense rule's op
+            out.view(-1)[fix["tied"]] = acc.to(out.dtype)
+        return out
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
@@ -771,22 +943,28 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
         with torch.no_grad():
             geo = PoolGeometry(x.shape, kernel, stride, padding, dilation, best.shape[-2:])
             dtype = torch.float32 if x.dtype in _HALF else x.dtype
-            _, count = _pool_hits(x.detach(), best.reshape(geo.out_shape), geo, dtype)
+            count = _pool_count(x.detach(), best.reshape(geo.out_shape), geo, dtype)
             fr.census.add("max_pool2d", torch.stack([_count(count > 1), _zero_count(best)]),
                           best.numel())
         return Done(result)
     xd = x.detach()
     dtype = _wdtype(x.dtype)
+    by_index = SPARSE_ON_CPU and xd.device.type == "cpu" and rule in BY_INDEX_RULES
     with torch.no_grad():
         best, indices = F.max_pool2d_with_indices(xd, kernel, stride, padding, dilation,
                                                   ceil_mode)
         geo = PoolGeometry(xd.shape, kernel, stride, padding, dilation, best.shape[-2:])
-        hits, count = _pool_hits(xd, best, geo, dtype)
+        if by_index:
+            count = _pool_count(xd, best, geo, dtype)
+        else:
+            hits, count = _pool_hits(xd, best, geo, dtype)
         if fr.census is not None:
             fr.census.add("max_pool2d", torch.stack([_count(count > 1), _zero_count(count)]),
                           best.numel())
         scale = None
-        if rule == "split":
+        if by_index:
+            idx, fix = _pool_by_index(fr, rule, x, xd, best, indices, geo, count, dtype)
+        elif rule == "split":
             weights, scale = hits, count.reciprocal_()
         elif rule == "last":
             taken = torch.zeros_like(count)
@@ -813,6 +991,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
             weights = [None if pair is None else shares[k][pair[1]]
                        for k, pair in enumerate(geo.pairs)]
             _record(fr, "max_pool2d", _count(count > 1), _count(cnt > 1))
+    if by_index:
+        pool = (kernel, stride, padding, dilation, ceil_mode)
+        return _PoolIndexed.apply(x, best, pool, idx, fix), indices
     return _MaxPool.apply(x, best, geo, weights, scale), indices
 
 
@@ -1023,6 +1204,71 @@ def _l1_handler(func, args, kwargs):
 
 
 _register([F.l1_loss], _l1_handler)
+
+
+_BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps")
+_BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+
+
+def _batch_norm_handler(func, args, kwargs):
+    """F.batch_norm with batch statistics in the directional pass: torch's own forward on the
+    primals (running statistics updated once, torch's backward), and the tangent from
+    :func:`batch_norm_tangent`, several times cheaper than torch's forward-mode formula (which
+    makes about ten full-size passes, and copies in 16-bit). Everything else passes through."""
+    if fwAD._current_level < 0 or _scope.frame().directional is None:
+        return func(*args, **kwargs)
+    x, rm, rv, w, b, training, momentum, eps = _bind(args, kwargs, _BN_NAMES, _BN_DEFAULTS)
+    if (not training or not isinstance(x, torch.Tensor) or not x.is_floating_point()
+            or x.dim() < 2 or any(isinstance(v, torch.Tensor) and v.dtype != x.dtype
+                                  for v in (w, b))):
+        return func(*args, **kwargs)
+    duals = [None if v is None else fwAD.unpack_dual(v) for v in (x, w, b)]
+    tangents = [None if u is None else u.tangent for u in duals]
+    if all(t is None for t in tangents):
+        return func(*args, **kwargs)
+    xp, wp, bp = (None if u is None else u.primal for u in duals)
+    y = func(xp, rm, rv, wp, bp, training, momentum, eps)
+    with torch.no_grad():
+        ty = batch_norm_tangent(xp.detach(), None if wp is None else wp.detach(), *tangents,
+                                float(eps))
+    return fwAD.make_dual(y, ty)
+
+
+def batch_norm_tangent(x, w, tx, tw, tb, eps):
+    """The tangent of batch-norm with batch statistics (over every dim but 1): ``J tx + tw x-hat
+    + tb`` (None: a zero tangent), x-hat = (x - mean) / sqrt(var + eps). The Jacobian in x, ``J
+    = w r (I - (1 + x-hat x-hat^T) / n)`` per channel, is symmetric, so ``J tx`` is torch's own
+    batch-norm backward kernel applied to ``tx``; ``tw x-hat + tb`` is batch-norm itself with
+    ``tw`` and ``tb`` for weight and bias. Native kernels instead of torch's JVP formula (about ten
+    full-size passes, and copies in 16-bit), float32 inside for 16-bit inputs."""
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if x.dtype in _HALF:
+        if tw is None and tb is not None:
+            tw = torch.zeros_like(tb)
+        affine, mean, invstd = torch.native_batch_norm(x, tw, tb, None, None, True, 0.0, eps)
+        if tw is None:
+            affine = None  # (x-hat: only the statistics were wanted)
+    else:  # torch's CPU kernel takes its statistics several times slower than these passes
+        dims = [0, *range(2, x.dim())]
+        n = x.numel() // x.shape[1]
+        mean = x.sum(dims) / n
+        xh = x - mean.reshape(shape)
+        invstd = ((xh * xh).sum(dims) / n).add_(eps).rsqrt_()
+        affine = None
+        if tw is not None:
+            affine = xh.mul_((invstd * tw).reshape(shape))
+        if tb is not None:
+            affine = tb.reshape(shape).expand(x.shape) if affine is None else affine.add_(
+                tb.reshape(shape))
+    if tx is None:
+        return torch.zeros_like(x) if affine is None else affine.contiguous()
+    out = torch.ops.aten.native_batch_norm_backward(
+        tx, x, w, None, None, mean, invstd, True, eps, [True, False, False])[0]
+    return out if affine is None else out.add_(affine)
+
+
+_register([F.batch_norm], _batch_norm_handler)
 
 
 def _backward_handler(func, args, kwargs):
