@@ -163,6 +163,20 @@ def test_relu_directional_element_by_element(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_relu_directional_site_without_kinks_matches_the_branch_free_rule(dtype):
+    """On the CPU a relu site whose input holds no zero skips the tangent's comparisons."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn((3, 40), generator=gen, dtype=D).to(dtype)
+    x[0, :2] = torch.tensor([float("nan"), 1.0])
+    x.requires_grad_()
+    d = torch.randn(x.shape, generator=gen, dtype=D).to(dtype)
+    w = torch.randn(x.shape, generator=gen, dtype=D).to(dtype)
+    fast, slow = _both(torch.relu, x, d, w)
+    assert fast[2] == (0, 0)
+    _assert_same(fast, slow, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_relu_at_nan_inputs_gives_zero_not_nan(dtype):
     """A NaN input is no kink: relu's derivative there is 0, as the NumPy engine's ``x > 0``
     (never NaN, so a zero cotangent stays zero), under the directional policy and the others."""

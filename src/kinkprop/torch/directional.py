@@ -23,7 +23,8 @@ Differences from the NumPy engine, by design:
   ``unresolved`` and the report warns (:class:`UnresolvedKinkWarning`);
 - the report is read on demand (one host sync), never per op. (On a CPU, where reading a count
   costs no sync, max-pool sites find their rare tied windows by index instead of comparing
-  tangents over every window; elsewhere they run branch-free.)
+  tangents over every window, and relu sites without a kink skip the tangent; elsewhere they run
+  branch-free.)
 
 Directions are drawn fresh at each forward of the model from generators seeded with ``seed`` (one
 per device: NumPy's SFC64 on the CPU, ``torch.Generator`` elsewhere), so every rank of a

@@ -37,8 +37,9 @@ derivative there is 0, as the NumPy engine's ``x > 0`` (torch's own passes the g
 
 In the directional policy's pass F.batch_norm with batch statistics is rerouted too (its tangent
 from native kernels, :func:`batch_norm_tangent`; the forward and backward are torch's).
-On a CPU the directional max-pool handles its (rare) tied windows by index (reading their number
-costs no device sync there; :data:`SPARSE_ON_CPU`), with the results of the dense rule.
+On a CPU the directional max-pool handles its (rare) tied windows by index and the directional
+relu skips sites without a kink (reading a count costs no device sync there;
+:data:`SPARSE_ON_CPU`), with the results of the branch-free rules.
 
 Weights and local derivatives are computed in the input's dtype; for 16-bit inputs in float32
 unless every value they hold is exact in 16 bits (then ``g * d``, computed in float32 by torch and
@@ -444,9 +445,10 @@ def _relu_local(x, v, dtype):
     return d
 
 
-#: Tied windows are rare: on the CPU (where reading their number costs no device sync) the
-#: directional max-pool handles them by index (see :func:`_pool_by_index`) instead of comparing
-#: tangents over every window; elsewhere it runs branch-free.
+#: Kinks are rare: on the CPU (where reading their number costs no device sync) the directional
+#: max-pool handles its tied windows by index (see :func:`_pool_by_index`) instead of comparing
+#: tangents over every window, and the directional relu skips the tangent's comparisons at sites
+#: without a kink; elsewhere they run branch-free.
 SPARSE_ON_CPU = True
 #: The max-pool rules handled by index on the CPU. ``"split"`` and ``"last"`` give bitwise the same
 #: by index, but with the many tied windows of a relu -> max-pool (all-zero windows) their dense
@@ -462,6 +464,9 @@ def _relu_directional(fr, x, xd, dtype):
     fb = SPECS["relu"].resolve(_fallback(fr)["relu"])
     d = torch.gt(xd, 0, out=torch.empty(xd.shape, dtype=dtype, device=xd.device))
     hits = _zeros(xd)
+    if SPARSE_ON_CPU and xd.device.type == "cpu" and not int(hits):
+        _record(fr, "relu", hits, hits)  # no kink here (read for free on a CPU): x > 0 is all
+        return d
     kink = torch.eq(xd, 0, out=torch.empty_like(d))
     if t is None:
         d.add_(kink, alpha=fb)
