@@ -54,6 +54,9 @@ def test_elementwise_kinks_take_the_registry_value(preset):
     lo, hi = value("relu6", preset)
     for f in (F.relu6, nn.ReLU6(), lambda x: F.hardtanh(x, 0.0, 6.0)):
         assert grad_of(f, [-1.0, 0.0, 3.0, 6.0, 7.0], preset=preset) == [0, lo, 1, hi, 0]
+    lo, hi = value("hardswish", preset)
+    for f in (F.hardswish, nn.Hardswish(), lambda x: F.hardswish(x * 1, inplace=True)):
+        assert grad_of(f, [-4.0, -3.0, 0.0, 3.0, 4.0], preset=preset) == [0, lo, 0.5, hi, 1]
     lo, hi = value("clamp", preset)
     for f in (lambda x: torch.clamp(x, -1, 1), lambda x: x.clamp(-1.0, 1.0),
               lambda x: torch.clip(x, min=-1, max=1), lambda x: (x * 1).clamp_(-1, 1)):

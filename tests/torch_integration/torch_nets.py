@@ -36,8 +36,8 @@ def make_params(seed: int = 0) -> dict[str, np.ndarray]:
 
 def _n_features() -> int:
     per = N * K * H * W
-    return (per * 11  # relu, -0 relu, leaky, abs, relu6, hardtanh, clamp x2, maximum, minimum,
-                      # overlapping max-pool
+    return (per * 12  # relu, -0 relu, leaky, abs, relu6, hardtanh, hardswish, clamp x2, maximum,
+                      # minimum, overlapping max-pool
             + N * K * 3 * 3  # 2x2 max-pool
             + N * H * W * 2  # max / min over channels
             + 3)  # full max, amax, amin
@@ -73,6 +73,7 @@ class TorchNet(nn.Module):
             torch.abs(h1 - 1),
             self.relu6(h1 + 5),                          # nn.ReLU6 -> F.hardtanh(0, 6)
             F.hardtanh(h1),
+            nn.functional.hardswish(h1),                 # integers: on -3 and 3 in places
             torch.clamp(h1, -1, 2),
             h1.clamp(min=self.lo, max=self.hi),          # tensor bounds
             torch.maximum(h1, h2),
@@ -108,6 +109,7 @@ def kp_loss(p, x, w1, b1, w2, lo, hi, v):
         kp.abs(h1 - 1),
         kp.relu6(h1 + 5),
         kp.hardtanh(h1),
+        kp.hardswish(h1),
         kp.clamp(h1, -1.0, 2.0),
         kp.clamp(h1, lo, hi),
         kp.maximum(h1, h2),

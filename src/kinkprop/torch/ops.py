@@ -14,6 +14,7 @@ F.relu, torch.relu, Tensor.relu (and ``_``)      relu          nn.ReLU calls F.r
 F.leaky_relu (and ``_``)                         leaky_relu    nn.LeakyReLU
 torch.abs / absolute, Tensor.abs, ``abs(x)``     abs
 F.relu6                                          relu6
+F.hardswish (nn.Hardswish, in place)             hardswish
 F.hardtanh (and ``_``)                           hardtanh      ``(0, 6)`` bounds -> relu6: nn.ReLU6
                                                                calls F.hardtanh(x, 0, 6)
 torch.clamp / clip / clamp_min / clamp_max       clamp         scalar or tensor bounds (a bound gets
@@ -398,6 +399,16 @@ _RELU6 = _Elementwise("relu6", lambda x: F.hardtanh(x, 0.0, 6.0),
 _HARDTANH = _Elementwise("hardtanh", lambda x, lo, hi: F.hardtanh(x, lo, hi),
                          lambda x, lo, hi: torch._C._nn.hardtanh_(x, lo, hi), _between,
                          lambda lo, hi: (lo, hi))
+
+
+def _hardswish_smooth(x, dtype):
+    # x / 3 + 1/2 on (-3, 3), as torch's hardswish_backward writes it
+    return torch.where(x < -3.0, 0.0, torch.where(x > 3.0, 1.0, x / 3.0 + 0.5)).to(dtype)
+
+
+_HARDSWISH = _Elementwise("hardswish", lambda x: F.hardswish(x),
+                          lambda x: torch._C._nn.hardswish_(x), _hardswish_smooth,
+                          lambda: (-3.0, 3.0))
 _CLAMP = _Elementwise("clamp", lambda x, lo, hi: torch.clamp(x, lo, hi),
                       lambda x, lo, hi: torch.clamp_(x, lo, hi), _between, _clamp_locations)
 
@@ -533,8 +544,9 @@ def elementwise(ew, x, params=(), inplace=False, slope=None, count=True):
     if policy is None or not x.is_floating_point() or not _needs_grad(x):
         return NATIVE
     value = choice(policy, ew.key, slope)
-    if ew.key == "relu" and value == 0.0:
-        # torch's relu is differentiated through its output: 0 at 0, exactly this policy
+    if (ew.key == "relu" and value == 0.0) or (ew.key == "hardswish" and value == (0.0, 1.0)):
+        # torch's own rule: relu is differentiated through its output (0 at 0); hardswish_backward
+        # takes the outer pieces' derivatives at -3 and 3
         return NATIVE
     if value == DIRECTIONAL:
         fb = SPECS[ew.key].resolve(_fallback(fr)[ew.key], slope)
@@ -1035,6 +1047,8 @@ _register([torch.abs, torch.Tensor.abs, torch.absolute, torch.Tensor.absolute, *
           _simple(_ABS, _ABS_INPLACE))
 _RELU6_INPLACE = {torch._C._nn.relu6_} if hasattr(torch._C._nn, "relu6_") else set()
 _register([F.relu6, torch._C._nn.relu6, *_RELU6_INPLACE], _simple(_RELU6, _RELU6_INPLACE))
+_register([F.hardswish, torch._C._nn.hardswish, torch._C._nn.hardswish_],
+          _simple(_HARDSWISH, {torch._C._nn.hardswish_}))
 
 
 def _leaky_handler(func, args, kwargs):
