@@ -14,6 +14,7 @@ import numpy as np
 from ..kinks.spec import DIRECTIONAL
 from ..tensor import Tensor, as_tensor
 from .core import apply, choose, register
+from .linalg import with_bias
 from .nonsmooth import _check_resolved
 
 
@@ -210,13 +211,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0) -> Tensor:
                          "(input must be NCHW with C = weight.shape[1])")
     geo = _Geometry(x.shape, weight.shape[2:], _pair(stride, "stride"),
                     _pair(padding, "padding"), "conv2d")
-    tensors = (x, weight)
-    if bias is not None:
-        bias = as_tensor(bias, like=x)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"conv2d: bias must have shape ({weight.shape[0]},), got {bias.shape}")
-        tensors += (bias,)
-    return apply(_conv2d, tensors, {"geo": geo})
+    return apply(_conv2d, with_bias("conv2d", x, weight, bias), {"geo": geo})
 
 
 # -- avg_pool2d --------------------------------------------------------------------------------

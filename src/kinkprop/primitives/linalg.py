@@ -109,10 +109,14 @@ def linear(x, weight, bias=None) -> Tensor:
     if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input {x.shape} does not match weight {weight.shape} "
                          "(weight must be (out, in) with in = input.shape[-1])")
-    tensors = (x, weight)
-    if bias is not None:
-        bias = as_tensor(bias, like=x)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"linear: bias must have shape ({weight.shape[0]},), got {bias.shape}")
-        tensors += (bias,)
-    return apply(_linear, tensors)
+    return apply(_linear, with_bias("linear", x, weight, bias))
+
+
+def with_bias(op: str, x: Tensor, weight: Tensor, bias) -> tuple[Tensor, ...]:
+    """``(x, weight)``, plus the bias as a tensor of shape ``(out,)`` when one is given."""
+    if bias is None:
+        return (x, weight)
+    bias = as_tensor(bias, like=x)
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {bias.shape}")
+    return (x, weight, bias)
