@@ -162,11 +162,6 @@ def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
 # -- forward (tangent) sweep -------------------------------------------------------------------
 
 
-def ancestors(nodes) -> set[int]:
-    """Ids of ``nodes`` and of every node they depend on."""
-    return tangent_plan(nodes)[0]
-
-
 def tangent_plan(nodes) -> tuple[set[int], dict[int, int]]:
     """``(only, readers)`` for a :func:`forward_sweep` that has to reach ``nodes`` and no further:
     the ids of ``nodes`` and of every node they depend on, and, keyed by the ``id`` of its output
@@ -199,7 +194,7 @@ def forward_sweep(root: Tensor, tangents: list[dict[int, np.ndarray]],
     JVP runs with the primal residuals saved in the forward pass. Before a non-smooth node's JVP,
     ``on_kink(node, ts_dirs)`` may replace ``node.choice`` (the directional policy selects pieces
     there, seeing every direction's input tangents). ``only`` restricts the sweep to the nodes
-    with those ids (e.g. the :func:`ancestors` of the nodes whose tangents are wanted). Returns, per
+    with those ids (e.g. :func:`tangent_plan`'s first element). Returns, per
     direction, the tangent of every tensor reached.
 
     With ``readers`` (from :func:`tangent_plan`, for the sweeps that want the choices made in
