@@ -136,9 +136,11 @@ class Census:
                 bound = bound + np.abs(tensors[2].data.astype(np.float64))
             self._bounds[id(out)] = (out, bound, w.shape[1] + (len(tensors) > 2))
         elif name == "conv2d":
-            cols_t, w, geo = res
-            bound = np.abs(w.reshape(w.shape[0], -1)).astype(np.float64) @ np.abs(cols_t)
-            bound = bound.reshape(w.shape[0], geo.shape[0], geo.oh, geo.ow).transpose(1, 0, 2, 3)
+            from ..primitives.conv import conv_rows_to_nchw  # conv imports kinks: import here
+
+            cols, w, geo = res
+            bound = np.abs(w.reshape(w.shape[0], -1)).astype(np.float64) @ np.abs(cols)
+            bound = conv_rows_to_nchw(bound, geo, contiguous=False)
             if len(tensors) > 2:
                 bound = bound + np.abs(tensors[2].data.astype(np.float64))[None, :, None, None]
             self._bounds[id(out)] = (out, bound, w[0].size + (len(tensors) > 2))

@@ -71,6 +71,26 @@ class _Geometry:
 
 
 # -- conv2d ------------------------------------------------------------------------------------
+#
+# conv2d is im2col + GEMM: the windows as the columns of a (C * kh * kw, M) matrix, one per output
+# position, and the weights (O, C * kh * kw) times it. The M positions come in one of two orders:
+#
+# * image-major, (N, OH, OW): im2col copies runs of OW values per kernel offset and the (O, M)
+#   product goes back to NCHW as O blocks of OH * OW values -- cheap when the image is wide;
+# * batch-last, (OH, OW, N): the input is first transposed to (C, HP, WP, N), and each kernel
+#   offset then copies runs of OW * N values -- several times faster for narrow outputs (OW = 10
+#   on LeNet's second conv, where image-major copies cost more than the GEMM), at the price of
+#   transposing the input and the output.
+#
+# ``_batch_last`` picks one per call; the saved columns, the VJP and the JVP follow it.
+
+
+def _batch_last(geo, weight_shape) -> bool:
+    """Batch-last order for narrow outputs (OW < 16) whose columns outweigh the output
+    (C * kh * kw > 2 * O): there the im2col copies, which it speeds up, dominate the transposes
+    it adds. LeNet's second conv (OW 10, 150 vs 16) takes it, its first (OW 28) does not."""
+    o, c = weight_shape[:2]
+    return geo.ow < 16 and c * geo.size > 2 * o
 
 
 def _im2col_t(xp, geo):
@@ -83,55 +103,109 @@ def _im2col_t(xp, geo):
     return cols.reshape(c * geo.size, n * geo.oh * geo.ow)
 
 
-def _conv_out(cols_t, w, geo):
-    out = w.reshape(w.shape[0], -1) @ cols_t  # (O, N * OH * OW)
-    return out.reshape(w.shape[0], geo.shape[0], geo.oh, geo.ow).transpose(1, 0, 2, 3)
+#: images transposed at a time by :func:`_to_batch_last`
+_TRANSPOSE_ROWS = 8
+
+
+def _to_batch_last(a):
+    """``a`` (N, ...) as a contiguous (..., N) copy. A few images at a time: NCHW images often
+    lie a power of two apart (16 * 8 * 8 floats = 4 KB), and a whole-batch transpose then reads
+    addresses that share cache sets; 8 rows at a time is ~4x faster on LeNet's gradients."""
+    n = a.shape[0]
+    rows = a.reshape(n, -1)
+    out = np.empty((rows.shape[1], n), a.dtype)
+    for s in range(0, n, _TRANSPOSE_ROWS):
+        out[:, s:s + _TRANSPOSE_ROWS] = rows[s:s + _TRANSPOSE_ROWS].T
+    return out.reshape(a.shape[1:] + (n,))
+
+
+def _columns(x, geo):
+    """The windows of ``x`` (NCHW) as (C * kh * kw, M) columns in the call's position order."""
+    if geo.batch_last:
+        return _cols_batch_last(_to_batch_last(geo.pad(x)), geo, 0, geo.oh)
+    return _im2col_t(geo.pad(x), geo)
+
+
+def conv_rows_to_nchw(m, geo, contiguous=True):
+    """An (O, M) matrix over conv2d's output positions (in the call's order) as (N, O, OH, OW)."""
+    o, n = m.shape[0], geo.shape[0]
+    if geo.batch_last:
+        return np.ascontiguousarray(m.reshape(o, geo.oh, geo.ow, n).transpose(3, 0, 1, 2))
+    out = m.reshape(o, n, geo.oh, geo.ow).transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(out) if contiguous else out
+
+
+def _nchw_to_rows(g, geo):
+    """(N, O, OH, OW) as an (O, M) matrix over the output positions in the call's order."""
+    o = g.shape[1]
+    if geo.batch_last:
+        return _to_batch_last(g).reshape(o, -1)
+    return g.transpose(1, 0, 2, 3).reshape(o, -1)
 
 
 def _conv_fwd(x, w, *b, geo):
-    cols_t = _im2col_t(geo.pad(x), geo)
-    ans = np.ascontiguousarray(_conv_out(cols_t, w, geo))
+    cols = _columns(x, geo)
+    ans = conv_rows_to_nchw(_few_rows_matmul(w.reshape(w.shape[0], -1), cols), geo)
     if b:
         ans += b[0][None, :, None, None]
-    return ans, (cols_t, w, geo)
+    return ans, (cols, w, geo)
 
 
 def _conv_vjp(g, res, needs, c):
-    cols_t, w, geo = res
+    cols, w, geo = res
     o = w.shape[0]
-    g_t = g.transpose(1, 0, 2, 3).reshape(o, -1)  # (O, N * OH * OW)
+    g_rows = _nchw_to_rows(g, geo)  # (O, M)
     gx = gw = gb = None
     if needs[0]:
-        n, c_in = geo.shape[:2]
-        dcols = (w.reshape(o, -1).T @ g_t).reshape(c_in, geo.kh, geo.kw, n, geo.oh, geo.ow)
-        dxp = np.zeros((c_in, n, geo.hp, geo.wp), dtype=g.dtype)
-        for k, sl in geo.offsets():
-            dxp[sl] += dcols[:, k // geo.kw, k % geo.kw]
-        gx = np.ascontiguousarray(geo.unpad(dxp.transpose(1, 0, 2, 3)))
+        gx = _col2im(w.reshape(o, -1).T, g_rows, geo)
     if needs[1]:
-        # (cols g^T)^T rather than g cols^T: OpenBLAS runs this long-K product with few output
-        # rows about 1.5x faster in this orientation
-        gw = (cols_t @ g_t.T).T.reshape(w.shape)
+        gw = _few_rows_gram(g_rows, cols).reshape(w.shape)
     if len(needs) > 2 and needs[2]:
-        gb = g_t.sum(axis=1)
+        gb = g_rows.sum(axis=1)
     return (gx, gw, gb)[:len(needs)]
 
 
+def _col2im(wt, g_rows, geo):
+    """The input gradient: ``wt @ g_rows`` (the columns' gradients) added back into the windows
+    they came from, one kernel offset at a time, and returned as NCHW."""
+    n, c = geo.shape[:2]
+    if not geo.batch_last:
+        dcols = (wt @ g_rows).reshape(c, geo.kh, geo.kw, n, geo.oh, geo.ow)
+        dxp = np.zeros((c, n, geo.hp, geo.wp), dtype=g_rows.dtype)
+        for k, sl in geo.offsets():
+            dxp[sl] += dcols[:, k // geo.kw, k % geo.kw]
+        return np.ascontiguousarray(geo.unpad(dxp.transpose(1, 0, 2, 3)))
+    # batch-last: a few output rows at a time, each block's column gradients added back while
+    # they are still in cache (runs of OW * N values)
+    dxp = np.zeros((c, geo.hp, geo.wp, n), dtype=g_rows.dtype)
+    row = geo.ow * n
+    step = max(1, _JVP_BLOCK_BYTES // (wt.shape[0] * row * g_rows.dtype.itemsize))
+    for a in range(0, geo.oh, step):
+        b = min(a + step, geo.oh)
+        dcols = (wt @ g_rows[:, a * row:b * row]).reshape(c, geo.kh, geo.kw, b - a, geo.ow, n)
+        for i in range(geo.kh):
+            for j in range(geo.kw):
+                dxp[:, a * geo.sh + i:(b - 1) * geo.sh + i + 1:geo.sh,
+                    j:j + geo.sw * (geo.ow - 1) + 1:geo.sw] += dcols[:, i, j]
+    dx = dxp[:, geo.ph:geo.ph + geo.shape[2], geo.pw:geo.pw + geo.shape[3]]
+    return np.ascontiguousarray(dx.transpose(3, 0, 1, 2))
+
+
 def _conv_jvp(ts, res, c):
-    """conv(t_x, w) + conv(x, t_w) + t_b. The terms are summed in place as (O, N * OH * OW)
-    matrices (the t_w term reuses the forward's saved columns) and transposed to NCHW once."""
-    cols_t, w, geo = res
-    o, n = w.shape[0], geo.shape[0]
+    """conv(t_x, w) + conv(x, t_w) + t_b. The terms are summed in place as (O, M) matrices (the
+    t_w term reuses the forward's saved columns) and go to NCHW once."""
+    cols, w, geo = res
+    o = w.shape[0]
     out = None
     if ts[1] is not None:
-        out = _few_rows_matmul(ts[1].reshape(o, -1), cols_t)
+        out = _few_rows_matmul(ts[1].reshape(o, -1), cols)
     if ts[0] is not None:
         out = _add_conv(out, ts[0], w, geo)
     if len(ts) > 2 and ts[2] is not None:
         if out is None:  # only the bias moves
-            out = np.zeros((o, n * geo.oh * geo.ow), dtype=ts[2].dtype)
+            out = np.zeros((o, cols.shape[1]), dtype=ts[2].dtype)
         out = _add_term(out, ts[2][:, None])
-    return out.reshape(o, n, geo.oh, geo.ow).transpose(1, 0, 2, 3)
+    return conv_rows_to_nchw(out, geo, contiguous=False)
 
 
 #: bytes of tangent columns built at a time by the JVP (a block that stays in cache)
@@ -141,10 +215,10 @@ _GEMM_BLOCK_BYTES = 512 << 10
 
 
 def _few_rows_matmul(a, b):
-    """``a @ b`` for an ``a`` with few rows (output channels) and a long ``b`` (the saved
-    columns). OpenBLAS runs it ~1.5x faster in blocks of ``b``'s columns of about 512 KB (on
-    LeNet's first conv, 6 rows); from 16 rows on blocking gains nothing, and the product is
-    left whole."""
+    """``a @ b`` for an ``a`` with few rows (output channels) and a long ``b`` (the columns).
+    OpenBLAS runs it ~1.5-2x faster in blocks of ``b``'s columns of about 512 KB (LeNet's first
+    conv, 6 rows by 25, forward and JVP); from 16 rows on blocking gains nothing, and the product
+    is left whole."""
     if a.shape[0] >= 16:
         return a @ b
     out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
@@ -154,21 +228,40 @@ def _few_rows_matmul(a, b):
     return out
 
 
-def _add_conv(out, t, w, geo):
-    """``out`` (an (O, N * OH * OW) matrix of its own, or None) plus conv(t, w) in that layout.
+def _few_rows_gram(g, cols):
+    """The weight gradient ``g @ cols.T``: (O, M) times (M, C * kh * kw), a long inner dimension.
+    Computed as ``(cols @ g.T).T``, the orientation OpenBLAS runs ~1.5x faster; for few output
+    channels (< 16) summed over blocks of ~512 KB of ``cols`` (LeNet's first conv: ~2x faster
+    than whole)."""
+    if g.shape[0] >= 16:
+        return (cols @ g.T).T
+    step = max(1, _GEMM_BLOCK_BYTES // (cols.shape[0] * cols.dtype.itemsize))
+    acc = part = None
+    for j in range(0, cols.shape[1], step):
+        part = np.matmul(cols[:, j:j + step], g[:, j:j + step].T, out=part)
+        if acc is None:
+            acc = part.copy()
+        else:
+            acc += part
+    return acc.T
 
-    The columns are built from a copy of ``t`` with the batch last, (C, HP, WP, N): each kernel
-    offset then copies runs of N values (OW * N with stride 1), where im2col of the NCHW tensor
-    copies runs of OW (10 on LeNet's second conv, where the copies cost more than the GEMM). A
-    few output rows at a time, each block of columns multiplied while it is still in cache."""
+
+def _add_conv(out, t, w, geo):
+    """``out`` (an (O, M) matrix of its own over the call's output positions, or None) plus
+    conv(t, w) in that layout.
+
+    The columns are built batch-last (see the note above ``_batch_last``) whatever the call's
+    order, a few output rows at a time, each block multiplied while it is still in cache."""
     o, n = w.shape[0], geo.shape[0]
     wm = w.reshape(o, -1)
-    tt = np.ascontiguousarray(geo.pad(t).transpose(1, 2, 3, 0))
+    tt = _to_batch_last(geo.pad(t))
     conv = np.empty((o, geo.oh, geo.ow, n), np.result_type(wm, tt))
     step = max(1, _JVP_BLOCK_BYTES // (wm.shape[1] * geo.ow * n * tt.dtype.itemsize))
     for a in range(0, geo.oh, step):
         rows = conv[:, a:a + step]
         np.matmul(wm, _cols_batch_last(tt, geo, a, a + rows.shape[1]), out=rows.reshape(o, -1))
+    if geo.batch_last:
+        return conv.reshape(o, -1) if out is None else _add_term(out, conv.reshape(o, -1))
     if out is None:
         out = np.zeros((o, n * geo.oh * geo.ow), conv.dtype)
     elif np.result_type(out, conv) != out.dtype:
@@ -178,7 +271,7 @@ def _add_conv(out, t, w, geo):
 
 
 def _cols_batch_last(tt, geo, a, b):
-    """im2col of output rows ``a:b`` from the batch-last padded tangent ``tt`` (C, HP, WP, N):
+    """im2col of output rows ``a:b`` from a batch-last padded input ``tt`` (C, HP, WP, N):
     a (C * kh * kw, (b - a) * OW * N) matrix, rows in the weights' (c, i, j) order."""
     c, n = tt.shape[0], tt.shape[3]
     cols = np.empty((c, geo.kh, geo.kw, b - a, geo.ow, n), tt.dtype)
@@ -211,6 +304,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0) -> Tensor:
                          "(input must be NCHW with C = weight.shape[1])")
     geo = _Geometry(x.shape, weight.shape[2:], _pair(stride, "stride"),
                     _pair(padding, "padding"), "conv2d")
+    geo.batch_last = _batch_last(geo, weight.shape)
     return apply(_conv2d, with_bias("conv2d", x, weight, bias), {"geo": geo})
 
 

@@ -1,0 +1,84 @@
+"""conv2d's two orders of output positions (image-major and batch-last, see primitives/conv.py)
+give the same forward values, VJPs and JVPs: each is forced in turn and checked against PyTorch
+in float64, on geometries with strides, padding and non-square kernels, and the automatic choice
+is checked on LeNet's two convolutions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kinkprop as kp
+from kinkprop.primitives import conv
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+GEOMETRIES = [  # (x shape, w shape, stride, padding, bias)
+    ((3, 2, 7, 9), (4, 2, 3, 2), 1, 0, True),
+    ((2, 3, 8, 6), (5, 3, 2, 3), 2, 1, False),
+    ((4, 1, 9, 9), (3, 1, 3, 3), (1, 2), (1, 0), True),
+    ((9, 6, 10, 10), (16, 6, 5, 5), 1, 0, True),  # LeNet's second conv, a smaller batch
+]
+
+
+@pytest.fixture(params=[False, True], ids=["image-major", "batch-last"])
+def layout(request, monkeypatch):
+    monkeypatch.setattr(conv, "_batch_last", lambda geo, weight_shape: request.param)
+    return request.param
+
+
+def _args(rng, xs, ws, bias):
+    args = [rng.standard_normal(xs), rng.standard_normal(ws)]
+    if bias:
+        args.append(rng.standard_normal(ws[0]))
+    return args
+
+
+@pytest.mark.parametrize("xs, ws, stride, padding, bias", GEOMETRIES)
+def test_conv2d_layout_matches_torch(layout, xs, ws, stride, padding, bias):
+    rng = np.random.default_rng(sum(xs) + sum(ws))
+    args = _args(rng, xs, ws, bias)
+
+    def f(x, w, *b):
+        return kp.conv2d(x, w, b[0] if b else None, stride=stride, padding=padding)
+
+    ts = [torch.tensor(a, requires_grad=True) for a in args]
+    ref = F.conv2d(ts[0], ts[1], ts[2] if bias else None, stride=stride, padding=padding)
+    out, vjp_fn = kp.vjp(f, *args)
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+    g = rng.standard_normal(out.shape)
+    ref_grads = torch.autograd.grad(ref, ts, torch.tensor(g))
+    for got, want in zip(vjp_fn(g), ref_grads):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-12, atol=1e-11)
+
+    tangents = [rng.standard_normal(np.shape(a)) for a in args]
+    _, t_out = kp.jvp(f, args, tangents)
+    _, t_ref = torch.func.jvp(
+        lambda *a: F.conv2d(a[0], a[1], a[2] if bias else None, stride=stride, padding=padding),
+        tuple(torch.tensor(a) for a in args), tuple(torch.tensor(t) for t in tangents))
+    np.testing.assert_allclose(t_out, t_ref.numpy(), rtol=1e-12, atol=1e-11)
+
+
+def test_lenet_convolutions_choose_their_order():
+    first = conv._Geometry((128, 1, 28, 28), (5, 5), (1, 1), (2, 2), "conv2d")
+    second = conv._Geometry((128, 6, 14, 14), (5, 5), (1, 1), (0, 0), "conv2d")
+    assert not conv._batch_last(first, (6, 1, 5, 5))  # wide output: image-major
+    assert conv._batch_last(second, (16, 6, 5, 5))  # OW 10, 150 columns per 16 outputs
+
+
+def test_census_bound_follows_the_layout(layout):
+    """The ambiguous census level bounds conv2d's rounding error by conv2d(|x|, |w|) + |b|,
+    computed from the saved columns: it must land on the right output positions in either
+    order."""
+    rng = np.random.default_rng(3)
+    x, w, b = _args(rng, (5, 6, 10, 10), (16, 6, 5, 5), True)
+    x[0] *= 1e3  # one image with a much larger bound: a misplaced bound shows
+    with kp.census("ambiguous") as c:
+        out = kp.conv2d(x, w, b)
+        kept, bound, n = c._bounds[id(out)]
+    assert kept is out and n == 6 * 25 + 1
+    want = F.conv2d(torch.tensor(np.abs(x)), torch.tensor(np.abs(w)), torch.tensor(np.abs(b)))
+    np.testing.assert_allclose(bound, want.numpy(), rtol=1e-12)
