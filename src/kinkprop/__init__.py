@@ -7,7 +7,7 @@
     x.grad  # [0., 1., 1.]
 """
 
-from . import data, nn, optim, precision
+from . import allocator, data, nn, optim, precision
 from .autodiff import grad, jvp, value_and_grad, vjp
 from .diagnostics.bifurcation import bifurcation_test
 from .diagnostics.generalized import check_generalized as check_generalized
@@ -20,6 +20,8 @@ from .tape import enable_grad, no_grad
 from .tensor import Tensor, as_tensor, tensor
 
 __version__ = "0.1.0"
+
+allocator._at_import()  # keep freed memory for the next step (KINKPROP_MALLOC=system: don't)
 
 __all__ = [
     "Tensor", "tensor", "as_tensor", "no_grad", "enable_grad", "grad", "value_and_grad", "vjp",
