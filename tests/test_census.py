@@ -41,6 +41,19 @@ def test_max_pool_ties_at_zero_and_at_positive_values():
     assert counts.effective == 5
 
 
+@pytest.mark.parametrize("kernel", [(1, 3), 3, 16, 17])
+def test_max_pool_ties_counted_for_small_and_large_kernels(kernel):
+    """Tied windows are counted from per-offset hits in bytes, in uint16 from 256 offsets on:
+    256 or 289 tied offsets must not wrap around to a count of 0 or 33."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = np.zeros((1, 1, kh, 2 * kw))  # window 1: every offset ties at 0
+    x[0, 0, 0, kw] = 1.0  # window 2: a single maximum
+    with kp.census() as c:
+        kp.max_pool2d(kp.tensor(x, requires_grad=True), kernel).sum().backward()
+    (counts,) = c.totals().values()
+    assert (counts.evaluated, counts.hits, counts.tie_zero) == (2, 1, 1)
+
+
 def test_sites_are_named_by_module_path_and_call_order():
     model = kp.nn.Sequential(kp.nn.Linear(2, 3), kp.nn.ReLU(), kp.nn.Linear(3, 1), kp.nn.ReLU())
     with kp.census() as c:

@@ -558,11 +558,15 @@ def _where_or_minus_inf(mask, t):
 
 
 def _max_pool_mask(res):
-    """Windows whose maximum is tied."""
-    xp, best, first, geo = res
-    count = np.zeros(best.shape, np.int16)
-    for h in _pool_hits(res):
-        count += h
+    """Windows whose maximum is tied: the hits counted as bytes (a bool array viewed as uint8 adds
+    without a cast, ~5x faster than into int16), in uint16 for kernels of 256 offsets or more."""
+    hits = _pool_hits(res)
+    if len(hits) == 1:
+        return np.zeros(hits.shape[1:], bool)
+    counts = hits.view(np.uint8) if len(hits) < 256 else hits.astype(np.uint16)
+    count = counts[0] + counts[1]
+    for c in counts[2:]:
+        count += c
     return count > 1
 
 
