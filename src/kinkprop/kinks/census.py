@@ -95,9 +95,13 @@ class Census:
         c.primitive = prim.kink.name
         c.calls += 1
         c.evaluated += ans.size
-        n = prim.hits(res)
-        if n:
+        if prim.count is None:  # hits() would build the mask and drop it: build it once
             mask = prim.kink_mask(res)
+            n = int(np.count_nonzero(mask))
+        else:
+            n, mask = prim.hits(res), None
+        if n:
+            mask = prim.kink_mask(res) if mask is None else mask
             c.hits += n
             if prim.kink.kind == "ties":
                 at_zero = int(np.count_nonzero(np.reshape(ans, mask.shape)[mask] == 0))
