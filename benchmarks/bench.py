@@ -180,6 +180,11 @@ def machine_facts(threads: int) -> dict:
                                         "USE_OPENMP")}
     except Exception:  # noqa: BLE001 - informational only
         facts["torch_blas"] = None
+    import kinkprop
+
+    facts["allocator"] = ("glibc keeps freed memory (kinkprop's default, src/kinkprop/allocator.py)"
+                          if kinkprop.allocator.applied() else
+                          "the C library's defaults (KINKPROP_MALLOC=system, or not glibc)")
     return facts
 
 
@@ -194,6 +199,8 @@ def describe(facts: dict) -> str:
         lines.append(f"  threadpool {tp['internal_api']} {tp['version']} ({tp['prefix']}): "
                      f"{tp['num_threads']} threads"
                      + (f", kernel {tp['architecture']}" if tp.get("architecture") else ""))
+    if facts.get("allocator"):
+        lines.append(f"  allocator: {facts['allocator']} (both sides share the process)")
     if facts.get("torch_blas"):
         lines.append("  torch build: " + ", ".join(f"{k}={v}" for k, v in
                                                     facts["torch_blas"].items()))
