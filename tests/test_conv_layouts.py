@@ -82,3 +82,26 @@ def test_census_bound_follows_the_layout(layout):
     assert kept is out and n == 6 * 25 + 1
     want = F.conv2d(torch.tensor(np.abs(x)), torch.tensor(np.abs(w)), torch.tensor(np.abs(b)))
     np.testing.assert_allclose(bound, want.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("xs, ws, stride, padding, bias", GEOMETRIES)
+@pytest.mark.parametrize("moving", ["x", "w", "b", "all"])
+def test_jvp_at_masked_elements_matches_the_dense_jvp(layout, xs, ws, stride, padding, bias,
+                                                      moving):
+    """conv2d's jvp_at (the directional sweep's sparse JVP) gives the dense JVP's values on the
+    elements asked for and zeros elsewhere, whichever inputs move."""
+    if moving == "b" and not bias:
+        pytest.skip("no bias")
+    rng = np.random.default_rng(len(xs) + sum(ws))
+    args = _args(rng, xs, ws, bias)
+    x = kp.tensor(args[0], requires_grad=True)
+    out = kp.conv2d(x, *(kp.tensor(a, requires_grad=True) for a in args[1:]), stride=stride,
+                    padding=padding)
+    node = out._node
+    ts = [rng.standard_normal(np.shape(a)) if moving in (name, "all") else None
+          for a, name in zip(args, "xwb")]
+    need = rng.random(out.shape) < 0.2
+    dense = node.prim.jvp(ts, node.res, node.choice)
+    got = node.prim.jvp_at(ts, node.res, node.choice, need)
+    np.testing.assert_allclose(got[need], np.asarray(dense)[need], rtol=1e-12, atol=1e-12)
+    assert not got[~need].any()

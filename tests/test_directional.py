@@ -707,3 +707,92 @@ def test_max_pool_selection_keeps_the_tangent_its_jvp_would_compute():
     choice, _ = pool.select([[t_in]], res)
     del t_in
     assert choice.take_tangent(None) is None and not choice._kept
+
+
+# -- sparse tangents: the sweep computes what the selections read ----------------------------
+
+
+def _lenet_like(rng, dtype=np.float64):
+    """conv - relu - pool - conv - relu - pool - linear on images of flat 8x8 blocks: both pools
+    tie, at relu zeros of negative inputs and, inside the blocks, at equal positive values."""
+    blocks = rng.integers(0, 3, (6, 1, 3, 3)).astype(dtype)
+    x = np.kron(blocks, np.ones((8, 8), dtype))  # 6 x 1 x 24 x 24
+    params = [rng.standard_normal((4, 1, 3, 3)), rng.standard_normal(4) * 0.1,
+              rng.standard_normal((6, 4, 3, 3)), rng.standard_normal(6) * 0.1,
+              rng.standard_normal((3, 150))]
+    params = [kp.tensor(p.astype(dtype), requires_grad=True) for p in params]
+
+    def loss():
+        c1, b1, c2, b2, fc = params
+        h = kp.max_pool2d(kp.relu(kp.conv2d(x, c1, b1, padding=1)), 2)
+        h = kp.max_pool2d(kp.relu(kp.conv2d(h, c2, b2)), 2)
+        return kp.cross_entropy(h.reshape(6, -1) @ fc.T, np.arange(6) % 3)
+
+    return params, loss
+
+
+def _directional_grads(params, loss, seed):
+    for p in params:
+        p.grad = None
+    with kp.kink_policy("directional"), kp.directional_options(seed=seed), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnresolvedKinkWarning)
+        loss().backward()
+    return [p.grad.copy() for p in params], directional.last_report
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_sweep_selects_as_the_dense_one(monkeypatch, seed):
+    """The last convolution's JVP runs on the outputs the last pool's selection reads (conv2d's
+    jvp_at, forced here whatever their number), and the selections, hence the gradients, are
+    those of the dense sweep."""
+    from kinkprop.primitives.core import PRIMITIVES
+
+    params, loss = _lenet_like(np.random.default_rng(seed))
+    conv = PRIMITIVES["conv2d"]
+    calls, jvp_at = [], conv.jvp_at
+    object.__setattr__(conv, "jvp_at", lambda *a: calls.append(a[-1].sum()) or jvp_at(*a))
+    try:
+        monkeypatch.setattr(tape, "_SPARSE_JVP", 1.0)  # sparse whenever a mask is known
+        sparse, report = _directional_grads(params, loss, seed)
+        assert report.kinks > 0 and calls and calls[0] > 0  # the sparse path ran, on elements
+        monkeypatch.setattr(tape, "_SPARSE_JVP", -1.0)  # never sparse
+        calls.clear()
+        dense, _ = _directional_grads(params, loss, seed)
+        assert not calls
+    finally:
+        object.__setattr__(conv, "jvp_at", jvp_at)
+    assert all(np.array_equal(a, b) for a, b in zip(sparse, dense))
+
+
+def test_tangent_needs_follow_relu_zeros_and_pool_windows():
+    """What the last pool's selection reads (the maxima of its tied windows), narrowed by relu to
+    inputs >= 0, is what the convolution before them must get right, element by element; the
+    convolution's own input is needed whole (conv2d has no ``demand`` rule)."""
+    params, loss = _lenet_like(np.random.default_rng(5))
+    with kp.kink_policy("directional"), kp.directional_options(seed=0):
+        out = loss()
+    order = tape.toposort(out)
+    pool2, relu2, conv2 = _last_of(order, ("max_pool2d", "relu", "conv2d"))
+    only, _ = tape.tangent_plan([pool2])
+    needs = tape.tangent_needs(order, only, {id(pool2)})
+    x2 = relu2.res[0]  # the convolution's output, relu's input
+    h = np.maximum(x2, 0)
+    n, c, hh, ww = h.shape
+    win = h.reshape(n, c, hh // 2, 2, ww // 2, 2)
+    tied = (win == win.max(axis=(3, 5), keepdims=True)).sum(axis=(3, 5)) > 1
+    reads = ((win == win.max(axis=(3, 5), keepdims=True))
+             & tied[:, :, :, None, :, None]).reshape(h.shape)
+    assert np.array_equal(needs[id(pool2.parents[0])], reads)
+    assert np.array_equal(needs[id(relu2.parents[0])], reads & (x2 >= 0))
+    assert 0 < np.count_nonzero(reads & (x2 >= 0)) < 0.5 * x2.size  # fewer than all
+    assert needs[id(conv2.parents[0])] is None
+
+
+def _last_of(order, names):
+    """The nodes of the last (closest to the loss) application of each primitive in ``names``."""
+    found = {}
+    for t in order:  # outputs first
+        if t._node is not None and t._node.prim.name in names and t._node.prim.name not in found:
+            found[t._node.prim.name] = t._node
+    return tuple(found[n] for n in names)

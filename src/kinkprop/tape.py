@@ -185,9 +185,58 @@ def _recorded_parents(node) -> list[Tensor]:
     return list({id(p): p for p in node.parents if p is not None and p._node is not None}.values())
 
 
+#: a JVP runs on the elements its readers need (``jvp_at``) when they are at most this fraction
+_SPARSE_JVP = 1 / 64
+_NOTHING = object()  # in tangent_needs: no element of the tangent is needed
+
+
+def tangent_needs(order, only: set[int], sites: set[int]) -> dict[int, np.ndarray | None]:
+    """Which tangent elements a selection sweep needs: per tensor (by ``id``) that a node of
+    ``only`` reads, a boolean mask, or None for every element.
+
+    What a selection at a node of ``sites`` reads (``select_reads``) is needed; so is, going back
+    through the tape (``order`` as :func:`toposort` gives it, outputs first), whatever each node's
+    JVP reads to get its own needed elements right (``demand``; all of them by default). Sparse
+    needs start at the last sites: there LeNet's second max-pool reads the tangents of its tied
+    windows, nearly all relu zeros of negative inputs, whose tangents are zero whatever comes in,
+    so that the convolution before it has ~50 of its 200k outputs to compute."""
+    needs: dict[int, Any] = {}
+    for t in order:
+        node = t._node
+        if node is None or id(node) not in only:
+            continue
+        out = needs.get(id(t), _NOTHING)
+        site = id(node) in sites
+        if out is _NOTHING and not site:
+            continue
+        for i, p in enumerate(node.parents):
+            if p is None or p._node is None:
+                continue  # a leaf: its tangent is given
+            need = out
+            if out is not _NOTHING and out is not None:
+                need = node.prim.demand(node.res, out) if i == 0 and node.prim.demand else None
+            if site and need is not None:  # (None: every element is needed already)
+                reads = node.prim.select_reads if i == 0 else None
+                need = _union(need, None if reads is None else reads(node.res))
+            if need is not _NOTHING:
+                needs[id(p)] = _union(needs.get(id(p), _NOTHING), need)
+    return {k: v for k, v in needs.items() if v is not _NOTHING}
+
+
+def _union(a, b):
+    if a is _NOTHING:
+        return b
+    if b is _NOTHING:
+        return a
+    if a is None or b is None:
+        return None
+    return a | b
+
+
 def forward_sweep(root: Tensor, tangents: list[dict[int, np.ndarray]],
                   on_kink: Callable | None = None, only: set[int] | None = None,
-                  readers: dict[int, int] | None = None) -> list[dict[int, np.ndarray]]:
+                  readers: dict[int, int] | None = None,
+                  sites: set[int] | None = None) -> list[dict[int, np.ndarray]]:
     """Push tangents through the recorded tape to ``root``, for one or several directions at once.
 
     ``tangents`` holds, per direction, the tangents of input tensors keyed by ``id``. Each node's
@@ -200,11 +249,15 @@ def forward_sweep(root: Tensor, tangents: list[dict[int, np.ndarray]],
     With ``readers`` (from :func:`tangent_plan`, for the sweeps that want the choices made in
     ``on_kink`` and not the tangents), a node whose output no node reads runs no JVP, and each
     tangent is dropped once its last reader has run, so that the sweep holds at most the tangents
-    still to be read; the result then holds little more than the input tangents.
+    still to be read; the result then holds little more than the input tangents. With ``sites``
+    too (the ids of the nodes whose ``on_kink`` reads tangents), a JVP whose output few of its
+    readers' elements need computes only those (see :func:`tangent_needs`): tangents are then
+    right only where a selection reads them.
     """
     order = toposort(root)
     outs = [dict(t) for t in tangents]
     left = None if readers is None else dict(readers)  # reads still to come, per tensor
+    needs = {} if sites is None or readers is None else tangent_needs(order, only, sites)
     for t in reversed(order):
         node = t._node
         if node is None or id(t) in outs[0] or (only is not None and id(node) not in only):
@@ -223,8 +276,13 @@ def forward_sweep(root: Tensor, tangents: list[dict[int, np.ndarray]],
             _drop_read(outs, node, left)
             if id(t) not in readers:
                 continue  # nothing reads this tangent (a last kink site): no JVP
+        need = needs.get(id(t))
+        sparse = (need is not None and node.prim.jvp_at is not None
+                  and np.count_nonzero(need) <= _SPARSE_JVP * need.size)
         for out, ts in zip(outs, ts_dirs):
-            out[id(t)] = to_storage(node.prim.jvp(ts, node.res, node.choice), t.dtype)
+            t_out = (node.prim.jvp_at(ts, node.res, node.choice, need) if sparse
+                     else node.prim.jvp(ts, node.res, node.choice))
+            out[id(t)] = to_storage(t_out, t.dtype)
     return outs
 
 

@@ -325,7 +325,7 @@ def _sweep(root, leaves, dirs, hit_nodes, plan, fallback) -> dict[int, tuple[lis
 
     tangents = [{id(t): d for t, d in zip(leaves, ds)} for ds in dirs]
     only, readers = plan
-    tape.forward_sweep(root, tangents, on_kink=on_kink, only=only, readers=readers)
+    tape.forward_sweep(root, tangents, on_kink=on_kink, only=only, readers=readers, sites=pending)
     for node in hit_nodes:  # no tangent reached it (it depends on no differentiated input)
         if id(node) not in stats:
             zeros = [None if p is None else np.zeros(p.shape) for p in node.parents]

@@ -290,7 +290,34 @@ def _add_term(out, term):
     return out
 
 
-_conv2d = register("conv2d", _conv_fwd, _conv_vjp, _conv_jvp)
+def _conv_jvp_at(ts, res, choice, need):
+    """The JVP at the output elements set in ``need`` (zeros elsewhere): each one a dot product
+    of its window (gathered from the saved columns and from the input tangent) with a row of the
+    weights, so the work is proportional to the elements asked for."""
+    cols, w, geo = res
+    n_, o_, y, x = np.nonzero(need)
+    wm = w.reshape(w.shape[0], -1)
+    vals = np.zeros(n_.size, np.result_type(cols, *(t for t in ts if t is not None)))
+    if ts[1] is not None:  # conv(x, t_w): the saved columns at these positions
+        pos = ((y * geo.ow + x) * geo.shape[0] + n_ if geo.batch_last
+               else (n_ * geo.oh + y) * geo.ow + x)
+        vals += np.einsum("ek,ke->e", ts[1].reshape(wm.shape)[o_], cols[:, pos])
+    if ts[0] is not None:  # conv(t_x, w): the windows of the padded tangent
+        tp = geo.pad(ts[0])
+        i, j = np.divmod(np.arange(geo.size), geo.kw)
+        rows = (y * geo.sh)[:, None, None] + i[None, None, :]
+        cols_ = (x * geo.sw)[:, None, None] + j[None, None, :]
+        chan = np.arange(tp.shape[1])[None, :, None]
+        windows = tp[n_[:, None, None], chan, rows, cols_].reshape(n_.size, -1)
+        vals += np.einsum("ek,ek->e", wm[o_], windows)
+    if len(ts) > 2 and ts[2] is not None:
+        vals += ts[2][o_]
+    out = np.zeros(need.shape, vals.dtype)
+    out[n_, o_, y, x] = vals
+    return out
+
+
+_conv2d = register("conv2d", _conv_fwd, _conv_vjp, _conv_jvp, jvp_at=_conv_jvp_at)
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0) -> Tensor:
@@ -570,8 +597,28 @@ def _max_pool_mask(res):
     return count > 1
 
 
+def _max_pool_select_reads(res):
+    """The selection compares the tangents of each tied window's maxima: those input elements."""
+    xp, best, first, geo = res
+    tied = _max_pool_mask(res)
+    reads = np.zeros(xp.shape, bool)
+    for (_, sl), h in zip(geo.offsets(), _pool_hits(res)):
+        reads[sl] |= h & tied
+    return geo.unpad(reads)
+
+
+def _max_pool_demand(res, need):
+    """Every element of the windows whose output tangent is needed."""
+    xp, best, first, geo = res
+    reads = np.zeros(xp.shape, bool)
+    for _, sl in geo.offsets():
+        reads[sl] |= need
+    return geo.unpad(reads)
+
+
 _max_pool2d = register("max_pool2d", _max_pool_fwd, _max_pool_vjp, _max_pool_jvp,
-                       kink="max_pool2d", kink_mask=_max_pool_mask, select=_max_pool_select)
+                       kink="max_pool2d", kink_mask=_max_pool_mask, select=_max_pool_select,
+                       select_reads=_max_pool_select_reads, demand=_max_pool_demand)
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, ties=None) -> Tensor:

@@ -16,6 +16,15 @@ Rule signatures (``res`` is whatever the forward chose to save, computed once):
     that picks the pieces active along the directions, compared lexicographically (``ts_dirs`` holds
     one list of input tangents per direction), and a mask of kink elements still tied after all.
 
+Optional rules that let the directional sweep compute only the tangent elements its selections
+read (see :func:`kinkprop.tape.tangent_needs`); ``need`` is a boolean mask over the output:
+
+``select_reads(res) -> mask`` the elements of input 0 whose tangent ``select`` reads
+``demand(res, need) -> mask`` the elements of input 0 whose tangent the JVP reads to get the output
+    tangent right where ``need`` is set (elements whose local derivative is 0 may be left out)
+``jvp_at(ts, res, choice, need) -> t`` the output tangent, right where ``need`` is set (zeros
+    elsewhere), in work proportional to the set elements
+
 Arrays reaching the rules are in compute precision (see :mod:`kinkprop.precision`), except in the
 forward of a primitive that only moves elements (``moves``), which sees float16 arrays as they are.
 """
@@ -49,6 +58,9 @@ class Primitive:
     #: the forward only moves, copies or selects elements (reshape, transpose, indexing, ...):
     #: applied to float16 bits directly it gives what the float32 round trip would (see ``apply``)
     moves: bool = False
+    select_reads: Callable | None = None
+    demand: Callable | None = None
+    jvp_at: Callable | None = None
 
     def hits(self, res) -> int:
         """How many output elements sit exactly on a kink (see ``kink_mask``)."""
@@ -65,9 +77,10 @@ PRIMITIVES: dict[str, Primitive] = {}
 
 
 def register(name, forward, vjp, jvp, kink: str | None = None, kink_mask=None, select=None,
-             count=None, moves: bool = False) -> Primitive:
+             count=None, moves: bool = False, select_reads=None, demand=None,
+             jvp_at=None) -> Primitive:
     prim = Primitive(name, forward, vjp, jvp, SPECS[kink] if kink else None, kink_mask, select,
-                     count, moves)
+                     count, moves, select_reads, demand, jvp_at)
     PRIMITIVES[name] = prim
     return prim
 

@@ -117,8 +117,14 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
                 unresolved.flat[at] |= t == 0
         return (out[0] if SPECS[kink].kind == "value" else tuple(out)), unresolved
 
+    def demand(res, need):
+        """The JVP reads the input tangent where the local derivative can be nonzero: off the
+        kinks where ``smooth_d`` is nonzero, and at every kink (the selected piece decides)."""
+        x, p = res
+        return need & ((np.asarray(smooth_d(x, **p)) != 0) | kink_mask(res))
+
     return register(name, forward, vjp, jvp, kink=kink, kink_mask=kink_mask, select=select,
-                    count=count)
+                    count=count, select_reads=kink_mask, demand=demand)
 
 
 def _flat_tangent(ts, at):
