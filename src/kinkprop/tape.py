@@ -190,9 +190,9 @@ _SPARSE_JVP = 1 / 64
 _NOTHING = object()  # in tangent_needs: no element of the tangent is needed
 
 
-def tangent_needs(order, only: set[int], sites: set[int]) -> dict[int, np.ndarray | None]:
+def tangent_needs(order, only: set[int] | None, sites: set[int]) -> dict[int, np.ndarray | None]:
     """Which tangent elements a selection sweep needs: per tensor (by ``id``) that a node of
-    ``only`` reads, a boolean mask, or None for every element.
+    ``only`` (every node, if None) reads, a boolean mask, or None for every element.
 
     What a selection at a node of ``sites`` reads (``select_reads``) is needed; so is, going back
     through the tape (``order`` as :func:`toposort` gives it, outputs first), whatever each node's
@@ -203,7 +203,7 @@ def tangent_needs(order, only: set[int], sites: set[int]) -> dict[int, np.ndarra
     needs: dict[int, Any] = {}
     for t in order:
         node = t._node
-        if node is None or id(node) not in only:
+        if node is None or (only is not None and id(node) not in only):
             continue
         out = needs.get(id(t), _NOTHING)
         site = id(node) in sites

@@ -29,6 +29,9 @@ def _pair(v, name) -> tuple[int, int]:
 class _Geometry:
     """Kernel, stride, padding and the output size of a 2-D window op on an input shape."""
 
+    #: conv2d's column order for this call (see ``_batch_last``); pooling does not read it
+    batch_last = False
+
     def __init__(self, shape, kernel, stride, padding, name):
         if len(shape) != 4:
             raise ValueError(f"{name}: input must be NCHW (4-D), got shape {shape}")
@@ -304,11 +307,11 @@ def _conv_jvp_at(ts, res, choice, need):
         vals += np.einsum("ek,ke->e", ts[1].reshape(wm.shape)[o_], cols[:, pos])
     if ts[0] is not None:  # conv(t_x, w): the windows of the padded tangent
         tp = geo.pad(ts[0])
-        i, j = np.divmod(np.arange(geo.size), geo.kw)
-        rows = (y * geo.sh)[:, None, None] + i[None, None, :]
-        cols_ = (x * geo.sw)[:, None, None] + j[None, None, :]
+        i, j = np.divmod(np.arange(geo.size), geo.kw)  # kernel offsets, row-major
+        top = (y * geo.sh)[:, None, None] + i[None, None, :]
+        left = (x * geo.sw)[:, None, None] + j[None, None, :]
         chan = np.arange(tp.shape[1])[None, :, None]
-        windows = tp[n_[:, None, None], chan, rows, cols_].reshape(n_.size, -1)
+        windows = tp[n_[:, None, None], chan, top, left].reshape(n_.size, -1)  # (c, i, j) order
         vals += np.einsum("ek,ek->e", wm[o_], windows)
     if len(ts) > 2 and ts[2] is not None:
         vals += ts[2][o_]
