@@ -99,8 +99,9 @@ def test_jvp_at_masked_elements_matches_the_dense_jvp(layout, xs, ws, stride, pa
     node = out._node
     ts = [rng.standard_normal(np.shape(a)) if moving in (name, "all") else None
           for a, name in zip(args, "xwb")]
-    need = rng.random(out.shape) < 0.2
     dense = node.prim.jvp(ts, node.res, node.choice)
-    got = node.prim.jvp_at(ts, node.res, node.choice, need)
-    np.testing.assert_allclose(got[need], np.asarray(dense)[need], rtol=1e-12, atol=1e-12)
-    assert not got[~need].any()
+    for need in (rng.random(out.shape) < 0.2, np.zeros(out.shape, bool)):  # some; none
+        got = node.prim.jvp_at(ts, node.res, node.choice, need)
+        assert got.shape == out.shape
+        np.testing.assert_allclose(got[need], np.asarray(dense)[need], rtol=1e-12, atol=1e-12)
+        assert not got[~need].any()

@@ -311,7 +311,7 @@ def _conv_jvp_at(ts, res, choice, need):
         top = (y * geo.sh)[:, None, None] + i[None, None, :]
         left = (x * geo.sw)[:, None, None] + j[None, None, :]
         chan = np.arange(tp.shape[1])[None, :, None]
-        windows = tp[n_[:, None, None], chan, top, left].reshape(n_.size, -1)  # (c, i, j) order
+        windows = tp[n_[:, None, None], chan, top, left].reshape(n_.size, wm.shape[1])  # (c,i,j)
         vals += np.einsum("ek,ek->e", wm[o_], windows)
     if len(ts) > 2 and ts[2] is not None:
         vals += ts[2][o_]
