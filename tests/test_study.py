@@ -124,3 +124,33 @@ def _children(pid):
         if ppid == pid and b"spawn_main" in cmdline:
             workers.append(int(entry))
     return sorted(workers)
+
+
+def test_bifurcation_volume_draws_directions_from_its_seed():
+    """The volume protocol under the directional policy draws its directions from a generator of
+    the initialisation's seed: a study worker that ran other runs before gets the same result."""
+    import numpy as np
+
+    from kinkprop.data import Dataset
+    from kinkprop.kinks import directional
+    from kinkprop.study.census import bifurcation_volume
+
+    rng = np.random.default_rng(0)  # clipped 8x8 blobs: max-pool windows tie at every batch
+    y = rng.integers(0, 3, 96)
+    x = np.maximum(rng.standard_normal((3, 1, 8, 8))[y] * 2 + rng.standard_normal((96, 1, 8, 8)),
+                   0).astype(np.float32)
+    data = Dataset("blobs", x[:64], y[:64], x[64:], y[64:], ["a", "b", "c"], (1, 8, 8))
+
+    def run():
+        states = []
+        v = bifurcation_volume(data, "convnet", "fp32", inits=2, batch_size=16,
+                               policy_b="directional", seed=3,
+                               progress=lambda r, b: states.append(
+                                   str(directional.current_options().generator().bit_generator.state)))
+        return v, states
+
+    first, first_states = run()
+    directional.current_options().generator().standard_normal(1000)  # another run's draws
+    second, second_states = run()
+    assert second_states == first_states and len(set(first_states)) > 2
+    assert second.row() == first.row()

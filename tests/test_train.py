@@ -73,6 +73,48 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, optimizer):
     assert all(np.array_equal(a[k], v) for k, v in resumed.model.state_dict().items())
 
 
+def test_directional_runs_draw_their_own_seeded_directions(tmp_path):
+    """A run under the directional policy draws its directions from a generator seeded by its
+    seed and kept in its checkpoint: the same directions whatever ran before it in the process
+    (study workers run many), and a resumed run continues the sequence."""
+    from kinkprop.kinks import directional
+
+    rng = np.random.default_rng(0)  # 8x8 blobs clipped at 0: max-pool windows tie every step
+    y = rng.integers(0, 3, 240)
+    x = np.maximum(rng.standard_normal((3, 1, 8, 8))[y] * 2 + rng.standard_normal((240, 1, 8, 8)),
+                   0).astype(np.float32)
+    data = Dataset("blobs", x[:200], y[:200], x[200:], y[200:], ["a", "b", "c"], (1, 8, 8))
+    cfg = dict(kink_policy="directional", model="convnet", epochs=2)
+
+    def states(trainer):
+        seen = []
+        trainer.callbacks.append(lambda t, loss: seen.append(
+            str(directional.current_options().generator().bit_generator.state)))
+        return seen
+
+    first = Trainer(_config(**cfg), dataset=data, log=lambda m: None)
+    first_states = states(first)
+    first.run()
+    directional.current_options().generator().standard_normal(1000)  # another run's draws
+    second = Trainer(_config(**cfg), dataset=data, log=lambda m: None)
+    second_states = states(second)
+    second.run()
+    assert second_states == first_states and second.losses == first.losses
+    assert len(set(first_states)) > 1  # directions were drawn: kinks were hit
+
+    stopped = Trainer(_config(**cfg), out=tmp_path / "r", dataset=data, log=lambda m: None)
+    stopped.callbacks.append(lambda t, loss: len(t.losses) == 9 and os.kill(os.getpid(),
+                                                                          signal.SIGTERM))
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run()
+    resumed = Trainer(_config(**cfg), out=tmp_path / "r", resume=True, dataset=data,
+                      log=lambda m: None)
+    resumed_states = states(resumed)
+    resumed.run()
+    assert resumed_states == first_states[-len(resumed_states):]
+    assert resumed.losses == first.losses
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     Trainer(_config(epochs=1), out=tmp_path, dataset=_blobs(), log=lambda m: None).run()
     with pytest.raises(FileExistsError, match="--resume .* --force"):

@@ -27,6 +27,7 @@ from .data import DataLoader, load_dataset
 from .diagnostics.bifurcation import compare_on_tape
 from .kinks import directional
 from .kinks.census import LEVELS, Census, census
+from .kinks.directional import directional_options
 from .kinks.policy import kink_policy, parse_policy
 from .optim import OPTIMIZERS, CosineAnnealingLR, StepLR
 from .precision import PRECISIONS, training_format
@@ -196,6 +197,10 @@ class Trainer:
         self.x_test, self.y_test = _subset(self.data.x_test, self.data.y_test, config.test_subset)
         self.loader = DataLoader(self.x_train, self.y_train, config.batch_size, shuffle=True,
                                  seed=config.seed)
+        # the directional policy's random directions: a generator of the run's own, seeded by its
+        # seed and kept in the checkpoint, so that a run (resumed or not) draws the same ones
+        # whatever ran before it in the process
+        self.direction_rng = np.random.default_rng(config.seed)
         self.epoch, self.step_in_epoch, self.history = 0, 0, []
         self.epoch_start_state = self.loader.state
         self.partial = {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0}
@@ -233,7 +238,8 @@ class Trainer:
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "epoch_start_state": self.epoch_start_state, "history": self.history,
                 "partial": self.partial, "losses": self.losses, "epoch_kinks": self.epoch_kinks,
-                "epoch_counts": [self.epoch_changed, self.epoch_steps]}
+                "epoch_counts": [self.epoch_changed, self.epoch_steps],
+                "direction_state": self.direction_rng.bit_generator.state}
 
     def save(self) -> None:
         sched = {} if self.schedule is None else {
@@ -252,6 +258,8 @@ class Trainer:
         self.epoch_kinks = meta.get("epoch_kinks", {})
         self.epoch_changed, self.epoch_steps = meta.get("epoch_counts", [0, 0])
         self.history, self.partial, self.losses = meta["history"], meta["partial"], meta["losses"]
+        if "direction_state" in meta:  # (checkpoints written before it was kept start afresh)
+            self.direction_rng.bit_generator.state = meta["direction_state"]
         self.log(f"resuming {self.out} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
 
     # -- training ------------------------------------------------------------------------------
@@ -302,7 +310,8 @@ class Trainer:
     def run(self) -> dict:
         level = self.config.census
         with kink_policy(self.policy), self.format_scope, _StopFlag() as stop, (
-                census(level) if level != "off" else _null()) as c:
+                census(level) if level != "off" else _null()) as c, directional_options(
+                    seed=self.config.seed, rng=self.direction_rng):
             self.census = c
             while self.epoch < self.config.epochs:
                 self._run_epoch(stop)

@@ -23,6 +23,7 @@ from .. import nn
 from ..data import DataLoader
 from ..diagnostics.bifurcation import bifurcation_test
 from ..kinks.census import census
+from ..kinks.directional import directional_options
 from ..precision import training_format
 from ..primitives import cross_entropy
 from ..tensor import Tensor
@@ -83,7 +84,9 @@ def bifurcation_volume(data, model_name: str, precision: str, inits: int, batch_
         params = dict(model.named_parameters())
         loader = DataLoader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed + r)
         first = None
-        with scope, census() as c:
+        # a directional policy draws from a generator of this initialisation's seed: the result
+        # does not depend on what ran before in the process
+        with scope, census() as c, directional_options(seed=seed + r):
             for b, (xb, yb) in enumerate(loader):
                 if max_batches is not None and b >= max_batches:
                     break
