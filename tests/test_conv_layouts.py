@@ -105,3 +105,29 @@ def test_jvp_at_masked_elements_matches_the_dense_jvp(layout, xs, ws, stride, pa
         assert got.shape == out.shape
         np.testing.assert_allclose(got[need], np.asarray(dense)[need], rtol=1e-12, atol=1e-12)
         assert not got[~need].any()
+
+
+@pytest.mark.parametrize("shape, kernel", [((3, 2, 5, 7), 2), ((2, 3, 9, 9), 3), ((40, 4, 8, 8), 2)])
+@pytest.mark.parametrize("census", [False, True])
+def test_max_pool_first_winner_vjp_matches_torch(monkeypatch, shape, kernel, census):
+    """Tiling windows with ties (integer inputs), odd sizes whose last rows and columns no window
+    covers, batches split in blocks, and hits computed by the census or not: the gradient is
+    PyTorch's, bit for bit."""
+    monkeypatch.setattr(conv, "_VJP_BLOCK_BYTES", 700)  # a few images per block
+    rng = np.random.default_rng(sum(shape))
+    x = rng.integers(0, 3, shape).astype(np.float64)
+    g = rng.standard_normal((shape[0], shape[1], shape[2] // kernel, shape[3] // kernel))
+    xt = kp.tensor(x, requires_grad=True)
+    with kp.kink_policy("pytorch"), (kp.census() if census else _nothing()):
+        kp.max_pool2d(xt, kernel).backward(g)
+    t = torch.tensor(x, requires_grad=True)
+    F.max_pool2d(t, kernel).backward(torch.tensor(g))
+    assert np.array_equal(xt.grad, t.grad.numpy())
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
