@@ -394,6 +394,22 @@ for _bias, _stride, _padding in [(True, 1, 0), (False, 1, 0), (True, 2, 1), (Fal
          _conv2d(_bias, _stride, _padding))
 
 
+# batch normalisation (training mode), 2-D and 4-D, with and without weight and bias
+def _batch_norm(ndim, affine):
+    def build(r):
+        shape = (int(r.integers(3, 6)), int(r.integers(1, 4))) + (3,) * (ndim - 2)
+        args = [_normal(r, shape, 2) + 1.0]
+        if affine:
+            args += [_normal(r, shape[1:2]), _normal(r, shape[1:2])]
+        return (lambda x, *wb: kp.batch_norm(x, *wb, eps=1e-3)), args
+
+    return build
+
+
+for _ndim, _affine in [(2, True), (4, True), (4, False), (3, True)]:
+    case(f"batch_norm[{_ndim}d,affine={_affine}]", _batch_norm(_ndim, _affine))
+
+
 def _pool_geometry(r):
     kh, kw = (int(k) for k in r.integers(1, 4, 2))
     stride = None if r.random() < 0.4 else (int(r.integers(1, 3)), int(r.integers(1, 3)))

@@ -82,10 +82,19 @@ class AvgPool2d(Module):
         return P.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
 
 
+#: formats whose batch-norm trains through the one-record primitive (see _BatchNorm)
+_ONE_RECORD = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 class _BatchNorm(Module):
     """Batch normalisation as PyTorch: normalise with the batch's biased variance in training,
     update running statistics with momentum (running_var with the unbiased variance), and use the
-    running statistics in eval mode."""
+    running statistics in eval mode.
+
+    Training in float32 / float64 runs the one-record :func:`kinkprop.batch_norm`. The 16-bit and
+    8-bit formats keep the composed form (mean, sub, mul, div, add primitives, each rounding its
+    result to the storage format), with which the study's batch-norm results were measured; the
+    one-record form would round once, as PyTorch's float32-accumulating kernels do."""
 
     axes: tuple = ()
 
@@ -107,18 +116,17 @@ class _BatchNorm(Module):
             raise ValueError(f"{type(self).__name__}({self.num_features}) at {self.path!r}: "
                              f"got input of shape {x.shape}")
         shape = self._shape(x.ndim)
+        if self.training and x.dtype in _ONE_RECORD:
+            stats: dict = {}
+            y = P.batch_norm(x, self.weight, self.bias, self.eps, stats=stats)
+            self._update_running(stats["mean"], stats["var"], x.data.size // self.num_features)
+            return y
         if self.training:
             mean = P.mean(x, axis=self.axes, keepdims=True)
             centred = x - mean
             var = P.mean(centred * centred, axis=self.axes, keepdims=True)
-            n = x.data.size // self.num_features
-            m = self.momentum
-            rm = self.running_mean
-            rm *= 1 - m
-            rm += m * mean.data.reshape(-1).astype(rm.dtype)
-            rv = self.running_var
-            rv *= 1 - m
-            rv += m * (var.data.reshape(-1) * (n / max(n - 1, 1))).astype(rv.dtype)
+            self._update_running(mean.data.reshape(-1), var.data.reshape(-1),
+                                 x.data.size // self.num_features)
             y = centred / P.sqrt(var + self.eps)
         else:
             mean = self.running_mean.reshape(shape)
@@ -127,6 +135,16 @@ class _BatchNorm(Module):
         if self.weight is not None:
             y = y * P.reshape(self.weight, shape) + P.reshape(self.bias, shape)
         return y
+
+    def _update_running(self, mean, var, n):
+        """Running statistics with momentum; the variance unbiased (n / (n - 1)), as PyTorch."""
+        m = self.momentum
+        rm = self.running_mean
+        rm *= 1 - m
+        rm += m * mean.astype(rm.dtype)
+        rv = self.running_var
+        rv *= 1 - m
+        rv += m * (var * (n / max(n - 1, 1))).astype(rv.dtype)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

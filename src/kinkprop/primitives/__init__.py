@@ -34,6 +34,7 @@ from .nonsmooth import (
                           relu,
                           relu6,
 )
+from .norm import batch_norm
 from .reductions import log_softmax, logsumexp, mean, softmax, sum, var
 from .shape import (
                           broadcast_to,
@@ -60,5 +61,5 @@ __all__ = [
     "unsqueeze", "squeeze", "flatten", "concatenate", "cat", "stack", "pad", "getitem",
     "conv2d", "avg_pool2d", "max_pool2d", "cross_entropy", "mse_loss", "l1_loss", "hinge_loss",
     "relu", "leaky_relu", "abs", "relu6", "hardtanh", "hardswish", "clamp", "maximum", "minimum",
-    "max", "min",
+    "max", "min", "batch_norm",
 ]
