@@ -131,3 +131,23 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("xs, ws", [((0, 6, 12, 12), (16, 6, 5, 5)), ((0, 1, 12, 12), (6, 1, 5, 5)),
+                                    ((2, 0, 6, 6), (4, 0, 3, 3))])
+def test_empty_batches_and_channels(layout, xs, ws):
+    """No image, or no input channel (each output then its bias): the shapes, zero gradients."""
+    x = kp.tensor(np.zeros(xs), requires_grad=True)
+    w = kp.tensor(np.ones(ws), requires_grad=True)
+    y = kp.conv2d(x, w, np.ones(ws[0]))
+    shape = (xs[0], ws[0], xs[2] - ws[2] + 1, xs[3] - ws[3] + 1)
+    assert y.shape == shape and np.array_equal(y.data, np.ones(shape))
+    kp.max_pool2d(y, 2).sum().backward()
+    assert x.grad.shape == xs and w.grad.shape == ws and not w.grad.any()
+    _, t = kp.jvp(lambda a, b: kp.conv2d(a, b), [x.data, w.data], [x.data, w.data])
+    assert t.shape == shape
+
+
+def test_no_output_channel_is_refused():
+    with pytest.raises(ValueError, match="no output channel"):
+        kp.conv2d(np.zeros((1, 3, 4, 4)), np.zeros((0, 3, 3, 3)))

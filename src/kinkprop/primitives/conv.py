@@ -115,7 +115,7 @@ def _to_batch_last(a):
     lie a power of two apart (16 * 8 * 8 floats = 4 KB), and a whole-batch transpose then reads
     addresses that share cache sets; 8 rows at a time is ~4x faster on LeNet's gradients."""
     n = a.shape[0]
-    rows = a.reshape(n, -1)
+    rows = a.reshape(n, int(np.prod(a.shape[1:])))  # (not -1: n may be 0)
     out = np.empty((rows.shape[1], n), a.dtype)
     for s in range(0, n, _TRANSPOSE_ROWS):
         out[:, s:s + _TRANSPOSE_ROWS] = rows[s:s + _TRANSPOSE_ROWS].T
@@ -182,7 +182,7 @@ def _col2im(wt, g_rows, geo):
     # they are still in cache (runs of OW * N values)
     dxp = np.zeros((c, geo.hp, geo.wp, n), dtype=g_rows.dtype)
     row = geo.ow * n
-    step = max(1, _JVP_BLOCK_BYTES // (wt.shape[0] * row * g_rows.dtype.itemsize))
+    step = max(1, _JVP_BLOCK_BYTES // max(1, wt.shape[0] * row * g_rows.dtype.itemsize))
     for a in range(0, geo.oh, step):
         b = min(a + step, geo.oh)
         dcols = (wt @ g_rows[:, a * row:b * row]).reshape(c, geo.kh, geo.kw, b - a, geo.ow, n)
@@ -225,7 +225,7 @@ def _few_rows_matmul(a, b):
     if a.shape[0] >= 16:
         return a @ b
     out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
-    step = max(1, _GEMM_BLOCK_BYTES // (b.shape[0] * b.dtype.itemsize))
+    step = max(1, _GEMM_BLOCK_BYTES // max(1, b.shape[0] * b.dtype.itemsize))
     for j in range(0, b.shape[1], step):
         np.matmul(a, b[:, j:j + step], out=out[:, j:j + step])
     return out
@@ -236,9 +236,9 @@ def _few_rows_gram(g, cols):
     Computed as ``(cols @ g.T).T``, the orientation OpenBLAS runs ~1.5x faster; for few output
     channels (< 16) summed over blocks of ~512 KB of ``cols`` (LeNet's first conv: ~2x faster
     than whole)."""
-    if g.shape[0] >= 16:
+    if g.shape[0] >= 16 or cols.shape[1] == 0:
         return (cols @ g.T).T
-    step = max(1, _GEMM_BLOCK_BYTES // (cols.shape[0] * cols.dtype.itemsize))
+    step = max(1, _GEMM_BLOCK_BYTES // max(1, cols.shape[0] * cols.dtype.itemsize))
     acc = part = None
     for j in range(0, cols.shape[1], step):
         part = np.matmul(cols[:, j:j + step], g[:, j:j + step].T, out=part)
@@ -259,7 +259,7 @@ def _add_conv(out, t, w, geo):
     wm = w.reshape(o, -1)
     tt = _to_batch_last(geo.pad(t))
     conv = np.empty((o, geo.oh, geo.ow, n), np.result_type(wm, tt))
-    step = max(1, _JVP_BLOCK_BYTES // (wm.shape[1] * geo.ow * n * tt.dtype.itemsize))
+    step = max(1, _JVP_BLOCK_BYTES // max(1, wm.shape[1] * geo.ow * n * tt.dtype.itemsize))
     for a in range(0, geo.oh, step):
         rows = conv[:, a:a + step]
         np.matmul(wm, _cols_batch_last(tt, geo, a, a + rows.shape[1]), out=rows.reshape(o, -1))
@@ -282,7 +282,7 @@ def _cols_batch_last(tt, geo, a, b):
         for j in range(geo.kw):
             cols[:, i, j] = tt[:, a * geo.sh + i:(b - 1) * geo.sh + i + 1:geo.sh,
                                j:j + geo.sw * (geo.ow - 1) + 1:geo.sw]
-    return cols.reshape(c * geo.size, -1)
+    return cols.reshape(c * geo.size, (b - a) * geo.ow * n)
 
 
 def _add_term(out, term):
@@ -332,6 +332,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0) -> Tensor:
     if x.ndim != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"conv2d: input {x.shape} does not match weight {weight.shape} "
                          "(input must be NCHW with C = weight.shape[1])")
+    if weight.shape[0] == 0:
+        raise ValueError(f"conv2d: weight {weight.shape} has no output channel")
     geo = _Geometry(x.shape, weight.shape[2:], _pair(stride, "stride"),
                     _pair(padding, "padding"), "conv2d")
     geo.batch_last = _batch_last(geo, weight.shape)
@@ -471,7 +473,7 @@ def _first_winner_vjp(g, res):
     covered = xp.shape[2] == geo.oh * geo.kh and xp.shape[3] == geo.ow * geo.kw
     dxp = (np.empty if covered else np.zeros)(xp.shape, dtype=g.dtype)
     hits = getattr(geo, "hits", None)  # the census's, when it counted this node's ties
-    step = max(1, _VJP_BLOCK_BYTES // max(1, best[0].nbytes))
+    step = max(1, _VJP_BLOCK_BYTES // max(1, best.nbytes // max(1, best.shape[0])))
     for a in range(0, xp.shape[0], step):
         block = slice(a, a + step)
         x, top, gb, d = xp[block], best[block], g[block], dxp[block]
@@ -560,7 +562,7 @@ def _max_pool_select(ts_dirs, res):
     # one direction, the usual: its output tangent comes almost free here, for the JVP to take
     kept = np.empty(best.shape, xp.dtype) if len(ts_dirs) == 1 else None
     tps = [geo.pad(ts[0]) for ts in ts_dirs]
-    step = max(1, _SELECT_BLOCK_BYTES // (winners[:, :1].size * xp.dtype.itemsize))
+    step = max(1, _SELECT_BLOCK_BYTES // max(1, winners[:, :1].size * xp.dtype.itemsize))
     for a in range(0, best.shape[0], step):
         block = slice(a, a + step)
         w = winners[:, block]
