@@ -199,7 +199,12 @@ def tangent_needs(order, only: set[int] | None, sites: set[int]) -> dict[int, np
     JVP reads to get its own needed elements right (``demand``; all of them by default). Sparse
     needs start at the last sites: there LeNet's second max-pool reads the tangents of its tied
     windows, nearly all relu zeros of negative inputs, whose tangents are zero whatever comes in,
-    so that the convolution before it has ~50 of its 200k outputs to compute."""
+    so that the convolution before it has ~50 of its 200k outputs to compute.
+
+    Elements left out are computed as zeros, never read by a selection. Two caveats: a sparse JVP
+    (``jvp_at``) may round differently from the dense one, so tangents equal to the last bits may
+    pick another winner; and where a dense tangent would be inf or NaN, an element whose local
+    derivative is 0 gets 0 instead of NaN."""
     needs: dict[int, Any] = {}
     for t in order:
         node = t._node
@@ -209,6 +214,7 @@ def tangent_needs(order, only: set[int] | None, sites: set[int]) -> dict[int, np
         site = id(node) in sites
         if out is _NOTHING and not site:
             continue
+        _check_kept(node)  # the rules below read the saved arrays
         for i, p in enumerate(node.parents):
             if p is None or p._node is None:
                 continue  # a leaf: its tangent is given
@@ -221,6 +227,13 @@ def tangent_needs(order, only: set[int] | None, sites: set[int]) -> dict[int, np
             if need is not _NOTHING:
                 needs[id(p)] = _union(needs.get(id(p), _NOTHING), need)
     return {k: v for k, v in needs.items() if v is not _NOTHING}
+
+
+def _check_kept(node) -> None:
+    if node.released:
+        raise RuntimeError(
+            "forward sweep over a released graph; record it again or pass retain_graph=True"
+        )
 
 
 def _union(a, b):
@@ -262,10 +275,7 @@ def forward_sweep(root: Tensor, tangents: list[dict[int, np.ndarray]],
         node = t._node
         if node is None or id(t) in outs[0] or (only is not None and id(node) not in only):
             continue
-        if node.released:
-            raise RuntimeError(
-                "forward sweep over a released graph; record it again or pass retain_graph=True"
-            )
+        _check_kept(node)
         ts_dirs = [[None if p is None else out.get(id(p)) for p in node.parents] for out in outs]
         if all(x is None for x in ts_dirs[0]):
             continue
