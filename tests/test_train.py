@@ -174,3 +174,22 @@ def test_evaluate_checkpoint_and_corrupt_checkpoint(tmp_path, monkeypatch):
 def test_training_in_each_precision(precision):
     summary = Trainer(_config(precision=precision), dataset=_blobs(), log=lambda m: None).run()
     assert summary["final_test_acc"] > 0.8
+
+
+def test_a_run_keeps_the_enclosing_directional_options():
+    """Its own generator is the only directional option a run sets."""
+    import warnings
+
+    import kinkprop as kp
+    from kinkprop.kinks import directional
+
+    seen = []
+    trainer = Trainer(_config(kink_policy="directional", epochs=1), dataset=_blobs(),
+                      log=lambda m: None)
+    trainer.callbacks.append(lambda t, loss: seen.append(
+        (directional.current_options().max_directions, directional.current_options().fallback,
+         directional.current_options().rng is t.direction_rng)))
+    with kp.directional_options(max_directions=1, fallback="jax"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.run()
+    assert seen and set(seen) == {(1, "jax", True)}

@@ -27,7 +27,7 @@ from .data import DataLoader, load_dataset
 from .diagnostics.bifurcation import compare_on_tape
 from .kinks import directional
 from .kinks.census import LEVELS, Census, census
-from .kinks.directional import directional_options
+from .kinks.directional import own_directions
 from .kinks.policy import kink_policy, parse_policy
 from .optim import OPTIMIZERS, CosineAnnealingLR, StepLR
 from .precision import PRECISIONS, training_format
@@ -310,8 +310,8 @@ class Trainer:
     def run(self) -> dict:
         level = self.config.census
         with kink_policy(self.policy), self.format_scope, _StopFlag() as stop, (
-                census(level) if level != "off" else _null()) as c, directional_options(
-                    seed=self.config.seed, rng=self.direction_rng):
+                census(level) if level != "off" else _null()) as c, own_directions(
+                    self.direction_rng):
             self.census = c
             while self.epoch < self.config.epochs:
                 self._run_epoch(stop)

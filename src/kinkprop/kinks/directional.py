@@ -36,7 +36,7 @@ import contextvars
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -104,6 +104,20 @@ def directional_options(**kwargs):
     if opts.fallback not in PRESETS:
         raise ValueError(f"fallback must name a preset ({', '.join(PRESETS)}), got "
                          f"{opts.fallback!r}")
+    token = _options.set(opts)
+    try:
+        yield opts
+    finally:
+        _options.reset(token)
+
+
+@contextlib.contextmanager
+def own_directions(rng: np.random.Generator):
+    """The options in force, with random directions drawn from ``rng``: what a training run uses,
+    so that its directions follow its own seed, not what ran before it in the process. The rest
+    (given directions, ``max_directions``, ``refine``, ``fallback``) stays as the enclosing scope
+    set it."""
+    opts = replace(current_options(), rng=rng)
     token = _options.set(opts)
     try:
         yield opts

@@ -19,11 +19,13 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .. import nn
 from ..data import DataLoader
 from ..diagnostics.bifurcation import bifurcation_test
 from ..kinks.census import census
-from ..kinks.directional import directional_options
+from ..kinks.directional import own_directions
 from ..precision import training_format
 from ..primitives import cross_entropy
 from ..tensor import Tensor
@@ -86,7 +88,7 @@ def bifurcation_volume(data, model_name: str, precision: str, inits: int, batch_
         first = None
         # a directional policy draws from a generator of this initialisation's seed: the result
         # does not depend on what ran before in the process
-        with scope, census() as c, directional_options(seed=seed + r):
+        with scope, census() as c, own_directions(np.random.default_rng(seed + r)):
             for b, (xb, yb) in enumerate(loader):
                 if max_batches is not None and b >= max_batches:
                     break
