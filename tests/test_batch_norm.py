@@ -52,8 +52,18 @@ def test_batch_norm_reports_its_statistics_and_checks_its_input():
         kp.batch_norm(x, np.ones(3))
     with pytest.raises(ValueError, match=r"must be \(3,\)"):
         kp.batch_norm(x, np.ones(2), np.zeros(2))
-    with pytest.raises(ValueError, match="at least 2"):
-        kp.batch_norm(np.ones((1, 3)))
+
+
+
+def test_one_value_per_channel_gives_the_bias_as_the_composed_form_did():
+    x = kp.tensor(np.array([[1.0, -2.0, 3.0]]), requires_grad=True)
+    w, b = kp.tensor(np.full(3, 2.0), requires_grad=True), kp.tensor(np.arange(3.0),
+                                                                      requires_grad=True)
+    y = kp.batch_norm(x, w, b)
+    y.backward(np.ones((1, 3)))
+    np.testing.assert_array_equal(y.data, [[0.0, 1.0, 2.0]])
+    np.testing.assert_array_equal(x.grad, np.zeros((1, 3)))
+    np.testing.assert_array_equal(b.grad, np.ones(3))
 
 
 @pytest.mark.parametrize("layer, shape", [(knn.BatchNorm2d, (8, 3, 4, 4)), (knn.BatchNorm1d, (8, 5))])

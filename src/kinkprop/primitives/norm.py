@@ -106,7 +106,9 @@ def batch_norm(x, weight=None, bias=None, eps: float = 1e-5, stats: dict | None 
     """Batch normalisation in training mode, as PyTorch's: over every axis but 1 (channels),
     ``(x - mean) / sqrt(var + eps) * weight + bias`` with the batch's mean and biased variance.
     ``weight`` and ``bias`` are (C,) (both or neither). ``stats``, a dict if given, receives the
-    batch's ``mean`` and biased ``var`` per channel, for running statistics."""
+    batch's ``mean`` and biased ``var`` per channel, for running statistics. One value per channel
+    (a last batch of one) normalises to 0, so the output is ``bias`` and the input's gradient 0,
+    where PyTorch raises: a training loop that keeps short last batches runs on."""
     x = as_tensor(x)
     if x.ndim < 2:
         raise ValueError(f"batch_norm: input must be (N, C, ...), got shape {x.shape}")
@@ -119,7 +121,4 @@ def batch_norm(x, weight=None, bias=None, eps: float = 1e-5, stats: dict | None 
             raise ValueError(f"batch_norm: weight {weight.shape} and bias {bias.shape} must be "
                              f"({x.shape[1]},), one per channel of input {x.shape}")
         args = (x, weight, bias)
-    if x.size // x.shape[1] < 2:
-        raise ValueError(f"batch_norm: one value per channel (input {x.shape}) has no variance; "
-                         "use a batch of at least 2")
     return apply(_batch_norm, args, {"eps": float(eps), "stats": stats})
