@@ -8,11 +8,16 @@ LeNet step (batch 128) on a 2-core machine, and most of its run-to-run spread. P
 own caches for the same reason.
 
 :func:`keep_freed_memory` asks glibc (``mallopt``) to serve arrays up to 32 MB (its maximum) from
-the heap and to keep up to 256 MB of freed memory at the heap's top for reuse. The process's peak
-memory does not grow; what changes is that up to 256 MB of it is kept after a peak instead of
-being returned. ``import kinkprop`` calls it; set ``KINKPROP_MALLOC=system`` in the environment
-before importing to leave the allocator as it is (``keep``, the default, applies it). On other
-C libraries (macOS, musl, Windows) it does nothing.
+the heap and to keep up to 256 MB of freed memory at the heap's top for reuse. What it costs:
+memory freed there, and in holes below arrays still alive, stays with the process instead of
+going back to the operating system. A training loop, which frees and allocates the same sizes
+every step, reuses it (an MLP epoch's peak above its baseline: 1.3 MB, PyTorch's 22 MB); a process
+whose allocations fragment the heap can hold much more than with glibc's defaults (forty 16 MB
+arrays freed between live 1 MB ones, then larger ones: 719 MB resident afterwards instead of 79).
+The setting is process-wide: a host process (PyTorch included) gets it too. ``import kinkprop``
+calls it; set ``KINKPROP_MALLOC=system`` in the environment before importing to leave the
+allocator as it is (``keep``, the default, applies it). On other C libraries (macOS, musl,
+Windows) it does nothing.
 """
 
 from __future__ import annotations
