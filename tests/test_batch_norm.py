@@ -99,3 +99,12 @@ def test_low_precision_modules_keep_the_composed_form():
     y = bn(kp.tensor(np.ones((4, 3, 2, 2)), dtype="bfloat16", requires_grad=True))
     names = {t.grad_fn.prim.name for t in kp.tape.toposort(y) if t.grad_fn is not None}
     assert "batch_norm" not in names and {"mean", "div"} <= names
+
+
+def test_an_empty_batch_keeps_its_shape():
+    x = kp.tensor(np.zeros((0, 3, 2, 2)), requires_grad=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y = kp.batch_norm(x, np.ones(3), np.zeros(3))
+        y.sum().backward()
+    assert y.shape == (0, 3, 2, 2) and x.grad.shape == (0, 3, 2, 2)
+

@@ -22,10 +22,6 @@ from ..tensor import Tensor, as_tensor
 from .core import apply, register
 
 
-def _stat_axes(ndim):
-    return (0,) + tuple(range(2, ndim))
-
-
 def _per_channel(v, ndim):
     """A (C,) array shaped to broadcast against (N, C, ...)."""
     return v.reshape((1, -1) + (1,) * (ndim - 2))
@@ -33,7 +29,7 @@ def _per_channel(v, ndim):
 
 def _rows(a):
     """(N, C, ...) as (N, C, K): per-channel reductions over axes 0 and 2."""
-    return a.reshape(a.shape[0], a.shape[1], -1)
+    return a.reshape(a.shape[0], a.shape[1], int(np.prod(a.shape[2:])))  # (not -1: N may be 0)
 
 
 def _channel_sum(a):
