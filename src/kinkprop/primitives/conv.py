@@ -424,24 +424,27 @@ def _pool_weights(res, choice):
         return [first == k for k, _ in geo.offsets()]
     hits = _pool_hits(res)
     if choice == "first":  # the first tied offset in row-major order
-        taken = np.zeros(best.shape, bool)
-        out = []
-        for h in hits:
-            out.append(h & ~taken)
-            taken |= h
-        return out
+        return list(_first_hits(hits))
     if choice == DIRECTIONAL and (sum(hits) > 1).any():
         _check_resolved("max_pool2d", choice)
     if choice in ("split", DIRECTIONAL):
         count = np.sum(hits, axis=0)
         return [h / count for h in hits]
     # "last": the final tied offset in row-major order
-    taken = np.zeros(best.shape, bool)
-    out = [None] * geo.size
-    for k in reversed(range(geo.size)):
-        out[k] = hits[k] & ~taken
-        taken |= hits[k]
-    return out
+    return list(_first_hits(hits[::-1]))[::-1]
+
+
+def _first_hits(hits):
+    """Each offset's hits (an iterable of masks, in offset order) less those an earlier offset
+    already had: ties go to the first. The masks given are not modified."""
+    taken = None
+    for h in hits:
+        if taken is None:
+            taken = h.copy()
+        else:
+            h = h & ~taken
+            taken |= h
+        yield h
 
 
 def _max_pool_vjp(g, res, needs, choice):
@@ -478,14 +481,9 @@ def _first_winner_vjp(g, res):
     for a in range(0, xp.shape[0], step):
         block = slice(a, a + step)
         x, top, gb, d = xp[block], best[block], g[block], dxp[block]
-        taken = None
-        for k, sl in geo.offsets():
-            h = np.equal(x[sl], top) if hits is None else hits[k, block]
-            if taken is None:
-                taken = h.copy()
-            else:
-                h = h & ~taken
-                taken |= h
+        offsets = [sl for _, sl in geo.offsets()]
+        block_hits = (np.equal(x[sl], top) for sl in offsets) if hits is None else hits[:, block]
+        for sl, h in zip(offsets, _first_hits(block_hits)):
             np.multiply(gb, h, out=d[sl])
     return dxp
 
