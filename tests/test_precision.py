@@ -17,7 +17,7 @@ import pytest
 import kinkprop as kp
 from kinkprop import precision
 from kinkprop.optim import SGD, Adam
-from kinkprop.precision import float_to_half, half_to_float, to_compute, to_storage
+from kinkprop.precision import float_to_half, half_to_float, round_to_half, to_compute, to_storage
 
 ALL_HALVES = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
 FAST = 4 * precision._CHUNK // 3  # more than a chunk, and not a multiple of one
@@ -28,7 +28,8 @@ def _bits(a):
 
 
 def _assert_down_matches_astype(x):
-    """float_to_half(x) has astype's bits, on the fast path (x padded past its size threshold)."""
+    """float_to_half(x) has astype's bits, and round_to_half(x) those bits as float32, on the fast
+    path (x padded past its size threshold)."""
     x = np.asarray(x, np.float32).reshape(-1)
     if x.size < FAST:
         x = np.concatenate([x, np.zeros(FAST - x.size, np.float32)])
@@ -38,6 +39,12 @@ def _assert_down_matches_astype(x):
     bad = np.flatnonzero(_bits(got) != _bits(want))
     assert bad.size == 0, (f"{bad.size} mismatches, first: x bits {_bits(x)[bad[:3]]}, "
                            f"astype {_bits(want)[bad[:3]]}, got {_bits(got)[bad[:3]]}")
+    # round_to_half: the same values kept in float32 (what float16 tensors carry)
+    with np.errstate(all="ignore"):
+        grid = round_to_half(x)
+    bad = np.flatnonzero(_bits(grid) != _bits(want.astype(np.float32)))
+    assert bad.size == 0, (f"round_to_half: {bad.size} mismatches, first: x bits "
+                           f"{_bits(x)[bad[:3]]}, got {_bits(grid)[bad[:3]]}")
 
 
 # -- float16 -> float32 ------------------------------------------------------------------------
@@ -134,6 +141,32 @@ def test_float_to_half_warns_and_raises_like_astype():
             tiny.astype(np.float16)
         with pytest.raises(FloatingPointError):
             float_to_half(tiny)
+
+
+def test_round_to_half_warns_like_astype_and_keeps_layout():
+    x = np.full(FAST, 0.5, np.float32)
+    x[17] = 1e6
+    with pytest.warns(RuntimeWarning, match="overflow"):
+        got = round_to_half(x)
+    assert got.dtype == np.float32 and got[17] == np.inf and got[16] == 0.5
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        round_to_half(x)
+    with np.errstate(under="warn"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astype's path, subnormal results and all
+        y = np.full(FAST, 1e-6, np.float32)
+        assert np.array_equal(_bits(round_to_half(y)), _bits(y.astype(np.float16).astype(np.float32)))
+    f = np.asfortranarray(np.linspace(-3, 3, 300 * 500, dtype=np.float32).reshape(300, 500))
+    for a in (f, f[:, ::3], f[:2, :3], np.float32(0.1), f[:0]):
+        got = round_to_half(a)
+        want = np.asarray(a).astype(np.float16).astype(np.float32)
+        assert got.shape == want.shape and np.array_equal(_bits(got), _bits(want))
+    assert round_to_half(f).flags.f_contiguous
+    out = np.empty_like(f)
+    assert round_to_half(f, out) is out
+    with pytest.raises(ValueError, match="overlaps"):
+        round_to_half(f, f)
+    with pytest.raises(TypeError, match="float32"):
+        round_to_half(f.astype(np.float64))
 
 
 def test_float_to_half_layouts_out_and_sizes():

@@ -9,9 +9,12 @@ primitive uses):
   primitive upcasts its inputs to float32, computes (matmul and conv2d accumulate in float32, as GPU
   tensor cores do), and rounds its result to the storage format with round-to-nearest-even.
   Cotangents follow the same rule: each VJP computes in float32 and rounds the cotangent it returns
-  to the storage format of the input it belongs to. (The forward of a primitive that only moves
-  elements, such as reshape, takes float16 arrays as they are: the round trip would not change a
-  bit.)
+  to the storage format of the input it belongs to. (A primitive that only moves elements, such
+  as reshape, has nothing to round.)
+
+Between primitives, a float16 value that the engine computed travels as float32 numbers already
+rounded to float16 (:func:`round_to_half`), packed into float16 only when ``Tensor.data`` or
+``.grad`` is read: see :mod:`kinkprop.storage`.
 
 NumPy's own float16 matmul has no BLAS kernel (about 0.8 GFLOP/s), so it is never called.
 """
@@ -111,7 +114,7 @@ _HALF_BITS = np.int32(-0x70002000)  # 0x8FFFE000
 _EXP_MASK = np.int32(0x7F800000)
 #: elements per chunk of the float32 -> float16 cast; sizes below which the casts call NumPy's
 #: (whose float16 loops take up to 8 ns an element up and 65 ns down, for subnormals)
-_CHUNK, _SMALL_UP, _SMALL_DOWN = 1 << 16, 1024, 256
+_CHUNK, _SMALL_UP, _SMALL_DOWN = 1 << 17, 1024, 256
 #: float32 exponent field of 2**-14, float16's smallest normal: below it float16 spacing is 2**-24
 #: (a block, not a scalar: NumPy's maximum against a scalar is not vectorised)
 _MIN_EXP = np.full(_CHUNK, 113 << 23, np.int32)
@@ -121,6 +124,7 @@ _TO_RIGHT_SHIFTER = np.int32(0x06C00000)
 #: exponent field of 2**15: from there up (overflow, inf, NaN) elements take ``astype``
 _LARGE_EXP = 142 << 23
 _SIGN_BIT, _U3, _U16 = np.uint32(0x80000000), np.uint32(3), np.uint32(16)
+_SIGN_BIT32 = np.int32(-0x80000000)
 
 
 def half_to_float(h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -206,6 +210,56 @@ def _round_chunk(x: np.ndarray, out: np.ndarray, e: np.ndarray, y: np.ndarray) -
     np.right_shift(t, _U16, out=out, casting="unsafe")
     if large is not None:
         out[large] = xin[large].astype(float16).view(np.uint16)
+
+
+def round_to_half(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 -> float32 rounded to float16's values: bit for bit
+    ``x.astype(np.float16).astype(np.float32)`` (the same warnings too), without packing. The
+    result is a fresh array unless ``out`` (which must not overlap ``x``) is given.
+
+    A float16 tensor that kinkprop computes keeps its values this way (:mod:`kinkprop.storage`):
+    about 7 passes an element against ~15 for the cast down and back up."""
+    x = np.asarray(x)
+    if out is None:
+        out = np.empty_like(x)
+    _check_dtypes(x, float32, out, float32)
+    if np.may_share_memory(x, out):
+        raise ValueError("round_to_half: out overlaps the input")
+    pair = _flat_pair(x, out)
+    if pair is None:  # strided: round a contiguous copy
+        np.copyto(out, round_to_half(np.ascontiguousarray(x)))
+    elif np.geterr()["under"] != "ignore" or x.size < _SMALL_DOWN:
+        np.copyto(out, x.astype(float16))  # astype's underflow reports, or a few elements
+    else:
+        e = _work_arrays()[0]
+        x, y = pair
+        for i in range(0, x.size, _CHUNK):
+            j = min(i + _CHUNK, x.size)
+            _grid_chunk(x[i:j], y[i:j], e[:j - i])
+    return out
+
+
+def _grid_chunk(x: np.ndarray, y: np.ndarray, e: np.ndarray) -> None:
+    """Round the float32 chunk ``x`` to float16's values into ``y``; ``e`` is work."""
+    np.bitwise_and(x.view(np.int32), _EXP_MASK, out=e)
+    large = None
+    if e.max() >= _LARGE_EXP:  # rare: overflow, inf or NaN: astype below, zeros meanwhile
+        large, xin = e >= _LARGE_EXP, x
+        x = np.where(large, np.float32(0), x)
+        np.bitwise_and(x.view(np.int32), _EXP_MASK, out=e)
+    np.maximum(e, _MIN_EXP[:e.size], out=e)
+    e += _TO_RIGHT_SHIFTER
+    c = e.view(np.float32)
+    np.add(x, c, out=y)  # rounds to float16's spacing, to nearest even (see _round_chunk)
+    y -= c
+    # x + c - c is +0 where x rounds to zero (the smallest pattern as uint32): there, and
+    # harmlessly elsewhere, put x's sign back (-0 stays -0)
+    if y.view(np.uint32).min() == 0:
+        np.bitwise_and(x.view(np.int32), _SIGN_BIT32, out=e)
+        yi = y.view(np.int32)
+        yi |= e
+    if large is not None:
+        y[large] = xin[large].astype(float16)
 
 
 _work = threading.local()

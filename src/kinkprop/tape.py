@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .precision import _Emulation, to_compute, to_storage
+from .precision import _Emulation, float32, float_to_half, round_to_half, to_compute, to_storage
+from .storage import CARRIED
 
 if TYPE_CHECKING:
     from .primitives.core import Primitive
@@ -121,6 +122,8 @@ def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
     With ``inputs`` given, their cotangents are returned (keyed by ``id``) and ``.grad`` is untouched.
     """
     order = toposort(root)
+    if root.dtype in CARRIED:  # below, a float16 tensor's cotangent is float32 on float16's grid
+        g = to_compute(to_storage(np.asarray(g), root.dtype))
     pending: dict[int, np.ndarray] = {id(root): g}
     wanted = None if inputs is None else {id(t) for t in inputs}
     found: dict[int, np.ndarray] = {}
@@ -129,7 +132,7 @@ def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
         if g is None:
             continue
         if wanted is not None and id(t) in wanted:
-            found[id(t)] = g
+            found[id(t)] = _in_format(g, t.dtype)
         node = t._node
         if node is None:
             if wanted is None and t.requires_grad:
@@ -144,19 +147,34 @@ def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
         for hook in Hooks.on_kink_backward if node.choice is not None else ():
             hook(node, g)
         needs = tuple(p is not None for p in node.parents)
-        cts = node.prim.vjp(to_compute(g), node.res, needs, node.choice)
+        g = to_compute(g)
+        cts = node.prim.vjp(g, node.res, needs, node.choice)
         for p, ct in zip(node.parents, cts):
             if p is None or ct is None:
                 continue
             if _Emulation.round is not None:
                 ct = _Emulation.round(ct)
-            ct = to_storage(ct, p.dtype)
             prev = pending.get(id(p))
-            pending[id(p)] = ct if prev is None else prev + ct
+            if p.dtype in CARRIED:
+                # float16 cotangents stay float32 images (kinkprop.storage), rounded once; a VJP
+                # that passes a float16 node's cotangent on as it is has nothing to round
+                if ct.dtype != float32:
+                    ct = to_compute(to_storage(ct, p.dtype))
+                elif not (ct is g and t.dtype in CARRIED):
+                    ct = round_to_half(ct)
+                pending[id(p)] = ct if prev is None else round_to_half(prev + ct)
+            else:
+                ct = to_storage(ct, p.dtype)
+                pending[id(p)] = ct if prev is None else prev + ct
         if not retain_graph:
             node.res = None
             node.released = True
     return found if wanted is not None else None
+
+
+def _in_format(g: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A cotangent handed out of the sweep, in its tensor's format (images packed)."""
+    return float_to_half(g) if dtype in CARRIED and g.dtype == float32 else g
 
 
 # -- forward (tangent) sweep -------------------------------------------------------------------

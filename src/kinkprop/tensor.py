@@ -10,16 +10,18 @@ A Python scalar in a binary operation takes the dtype of the tensor it meets.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
 
 from . import tape
-from .precision import as_dtype, is_float
+from .precision import as_dtype, float32, is_float, round_to_half
+from .storage import CARRIED, Stored
 
 
 class Tensor:
-    __slots__ = ("data", "grad", "_requires_grad", "_node", "name", "__weakref__")
+    __slots__ = ("_value", "_grad", "_requires_grad", "_node", "name", "__weakref__")
     __array_priority__ = 100  # ndarray <op> Tensor defers to Tensor's reflected operators
 
     def __init__(self, data, requires_grad: bool = False, dtype=None):
@@ -29,8 +31,8 @@ class Tensor:
                 f"only floating-point tensors can require grad, got dtype {arr.dtype}; "
                 "pass dtype='float32' (or another float format)"
             )
-        self.data = arr
-        self.grad: np.ndarray | None = None
+        self._value = Stored(arr)
+        self._grad: Stored | None = None
         self._requires_grad = bool(requires_grad)
         self._node = None
         self.name = None
@@ -41,33 +43,76 @@ class Tensor:
 
     @requires_grad.setter
     def requires_grad(self, value: bool) -> None:
-        if value and not is_float(self.data.dtype):
+        if value and not is_float(self.dtype):
             raise TypeError(f"only floating-point tensors can require grad, got dtype "
-                            f"{self.data.dtype}; convert with .astype('float32') first")
+                            f"{self.dtype}; convert with .astype('float32') first")
         if not value and self._node is not None:
             raise RuntimeError("requires_grad can only be turned off on a leaf; use .detach()")
         self._requires_grad = bool(value)
 
     @classmethod
     def _wrap(cls, arr: np.ndarray) -> Tensor:
+        return cls._of(Stored(arr))
+
+    @classmethod
+    def _carrying(cls, image: np.ndarray, dtype: np.dtype) -> Tensor:
+        """A tensor of the carried format ``dtype`` (float16) whose values ``image`` holds as
+        float32 (see :mod:`kinkprop.storage`)."""
+        return cls._of(Stored.of_image(image, dtype))
+
+    @classmethod
+    def _of(cls, value: Stored) -> Tensor:
         t = cls.__new__(cls)
-        t.data = arr
-        t.grad = None
+        t._value = value
+        t._grad = None
         t._requires_grad = False
         t._node = None
         t.name = None
         return t
 
+    # -- values ------------------------------------------------------------------------------
+    @property
+    def data(self) -> np.ndarray:
+        """The values, as an array in the tensor's format (float16 ones are packed on demand:
+        :mod:`kinkprop.storage`). Writes into it are the tensor's new values."""
+        return self._value.array()
+
+    @data.setter
+    def data(self, arr) -> None:
+        self._value = Stored(np.asarray(arr))
+
+    @property
+    def grad(self) -> np.ndarray | None:
+        """The accumulated gradient, in the tensor's format, or None."""
+        return None if self._grad is None else self._grad.array()
+
+    @grad.setter
+    def grad(self, g) -> None:
+        self._grad = None if g is None else Stored(np.asarray(g))
+
+    def _compute(self) -> np.ndarray:
+        """The values in the compute format (float32 for 16- and 8-bit formats); read only."""
+        return self._value.compute()
+
+    def _grad_compute(self) -> np.ndarray | None:
+        return None if self._grad is None else self._grad.compute()
+
+    def _assign(self, image: np.ndarray) -> None:
+        """New values for a float16 tensor, as float32 values already rounded to float16."""
+        self._value.assign(image)
+
     # -- array facts -------------------------------------------------------------------------
-    shape = property(lambda self: self.data.shape)
-    dtype = property(lambda self: self.data.dtype)
-    ndim = property(lambda self: self.data.ndim)
-    size = property(lambda self: self.data.size)
+    shape = property(lambda self: self._value.shape)
+    dtype = property(lambda self: self._value.dtype)
+    ndim = property(lambda self: len(self._value.shape))
+    size = property(lambda self: math.prod(self._value.shape))
     grad_fn = property(lambda self: self._node)
     is_leaf = property(lambda self: self._node is None)
 
     def __len__(self):
-        return len(self.data)
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
 
     def item(self) -> float:
         return self.data.item()
@@ -77,7 +122,8 @@ class Tensor:
         return self.data
 
     def detach(self) -> Tensor:
-        return Tensor._wrap(self.data)
+        """The same values (sharing memory), outside the graph."""
+        return Tensor._of(self._value.share())
 
     def __repr__(self):
         extra = ", requires_grad=True" if self.requires_grad else ""
@@ -98,7 +144,7 @@ class Tensor:
             raise RuntimeError("backward() on a tensor that does not require grad; create inputs "
                                "with requires_grad=True")
         if grad is None:
-            if self.data.size != 1:
+            if self.size != 1:
                 raise RuntimeError(f"backward() without grad needs a scalar, got shape "
                                    f"{self.shape}; pass grad= with the same shape")
             g = np.ones(self.shape, dtype=self.dtype)
@@ -113,12 +159,20 @@ class Tensor:
         tape.backward(self, g, retain_graph=retain_graph)
 
     def _accumulate(self, g: np.ndarray) -> None:
+        """Add the cotangent ``g`` into ``.grad``: an array in the tensor's format, or, for a
+        float16 tensor, an image (float32 values of float16, never written) from the sweep."""
         if g.shape != self.shape:  # a broadcast view reaching a leaf
             g = np.broadcast_to(g, self.shape)
-        if self.grad is None:
+        if self.dtype in CARRIED and g.dtype == float32:
+            if self._grad is None:
+                self._grad = Stored.of_image(g, self.dtype)
+            else:  # as float16 += float16 rounds: the float32 sum, rounded once
+                self._grad.assign(round_to_half(self._grad.compute() + g))
+        elif self._grad is None:
             self.grad = np.array(g, dtype=self.dtype, copy=True)
         else:
-            self.grad += g
+            grad = self._grad.array()
+            grad += g
 
     def zero_grad(self) -> None:
         self.grad = None

@@ -132,13 +132,13 @@ class Census:
     def on_apply(self, prim, tensors, out, res):
         name = prim.name
         if name == "matmul":
-            a, b = (np.abs(t.data.astype(np.float64)) for t in tensors)
+            a, b = (np.abs(t._compute().astype(np.float64)) for t in tensors)
             self._bounds[id(out)] = (out, a @ b, tensors[0].shape[-1])
         elif name == "linear":
-            x, w = (np.abs(t.data.astype(np.float64)) for t in tensors[:2])
+            x, w = (np.abs(t._compute().astype(np.float64)) for t in tensors[:2])
             bound = x @ w.T
             if len(tensors) > 2:
-                bound = bound + np.abs(tensors[2].data.astype(np.float64))
+                bound = bound + np.abs(tensors[2]._compute().astype(np.float64))
             self._bounds[id(out)] = (out, bound, w.shape[1] + (len(tensors) > 2))
         elif name == "conv2d":
             from ..primitives.conv import conv_rows_to_nchw  # conv imports kinks: import here
@@ -147,7 +147,7 @@ class Census:
             bound = np.abs(w.reshape(w.shape[0], -1)).astype(np.float64) @ np.abs(cols)
             bound = conv_rows_to_nchw(bound, geo, contiguous=False)
             if len(tensors) > 2:
-                bound = bound + np.abs(tensors[2].data.astype(np.float64))[None, :, None, None]
+                bound = bound + np.abs(tensors[2]._compute().astype(np.float64))[None, :, None, None]
             self._bounds[id(out)] = (out, bound, w[0].size + (len(tensors) > 2))
         elif name in ("add", "sub"):
             known = [self._bounds.get(id(t)) for t in tensors]
@@ -157,7 +157,7 @@ class Census:
                     if k is not None and k[0] is t:
                         bound, n = bound + k[1], max(n, k[2])
                     else:
-                        bound = bound + np.abs(t.data.astype(np.float64))
+                        bound = bound + np.abs(t._compute().astype(np.float64))
                 self._bounds[id(out)] = (out, bound, n + 1)
 
     def _ambiguous(self, prim, res, node) -> int:

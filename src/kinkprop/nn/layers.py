@@ -119,14 +119,14 @@ class _BatchNorm(Module):
         if self.training and x.dtype in _ONE_RECORD:
             stats: dict = {}
             y = P.batch_norm(x, self.weight, self.bias, self.eps, stats=stats)
-            self._update_running(stats["mean"], stats["var"], x.data.size // self.num_features)
+            self._update_running(stats["mean"], stats["var"], x.size // self.num_features)
             return y
         if self.training:
             mean = P.mean(x, axis=self.axes, keepdims=True)
             centred = x - mean
             var = P.mean(centred * centred, axis=self.axes, keepdims=True)
             self._update_running(mean.data.reshape(-1), var.data.reshape(-1),
-                                 x.data.size // self.num_features)
+                                 x.size // self.num_features)
             y = centred / P.sqrt(var + self.eps)
         else:
             mean = self.running_mean.reshape(shape)

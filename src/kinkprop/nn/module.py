@@ -151,8 +151,8 @@ class Module:
             raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys "
                            f"{unexpected}")
         for k, v in state.items():
-            target = own[k].data if k in own else (bufs[k][0]._buffers[bufs[k][1]]
-                                                   if k in bufs else None)
+            target = own[k] if k in own else (bufs[k][0]._buffers[bufs[k][1]]
+                                              if k in bufs else None)
             if target is not None and np.shape(v) != target.shape:
                 raise ValueError(f"load_state_dict: {k} has shape {np.shape(v)}, the model "
                                  f"expects {target.shape}")

@@ -3,9 +3,11 @@
 Updates run in place through per-parameter scratch buffers allocated once, so a step makes no fresh
 temporaries per parameter. Low-precision parameters (float16, bfloat16) follow the engine's rounding
 contract: the update is computed in float32 and the result rounded to the parameter's format; the
-optimizer state (momentum, moments) is kept in float32. Their float32 copies of parameter and
-gradient live in buffers allocated once too (float16 goes through kinkprop's vectorised casts), and
-the rounded result is written into the parameter's own array.
+optimizer state (momentum, moments) is kept in float32. float16 parameters and gradients come as
+float32 images of their values and the rounded update goes back as one (:mod:`kinkprop.storage`:
+packed into the parameter's own array when it is read, or at once if that array is held
+elsewhere); bfloat16 ones go through float32 buffers allocated once, the rounded result written
+into the parameter's own array.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import math
 
 import numpy as np
 
-from ..precision import LOW_PRECISION, float16, float32, float_to_half, half_to_float
+from ..precision import LOW_PRECISION, float16, float32, float_to_half, half_to_float, round_to_half
+from ..storage import CARRIED
 
 
 class Optimizer:
@@ -41,9 +44,14 @@ class Optimizer:
     def step(self) -> None:
         self.steps += 1
         for i, p in enumerate(self.params):
-            if p.grad is None:
+            if p._grad is None:
                 continue
-            if p.dtype in LOW_PRECISION:  # compute in float32, round the result once
+            if p.dtype in CARRIED:  # float32 values of float16 in and out (kinkprop.storage)
+                w = self._buffers("_param32")[i]
+                np.copyto(w, p._compute())
+                self._update(i, w, p._grad_compute())
+                p._assign(round_to_half(w))
+            elif p.dtype in LOW_PRECISION:  # compute in float32, round the result once
                 w, g = self._buffers("_param32")[i], self._buffers("_grad32")[i]
                 _upcast(p.data, w)
                 _upcast(p.grad, g)

@@ -42,7 +42,8 @@ import numpy as np
 from .. import tape
 from ..kinks.policy import current_policy
 from ..kinks.spec import SPECS, KinkSpec
-from ..precision import ROUND_TRIP_EXACT, _Emulation, result_dtype, to_compute, to_storage
+from ..precision import _Emulation, float32, result_dtype, round_to_half, to_storage
+from ..storage import CARRIED
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,16 +122,17 @@ def apply(prim: Primitive, tensors: tuple, params: dict | None = None, choice=No
     """Run ``prim`` forward on ``tensors`` and record a node when gradients are needed."""
     from ..tensor import Tensor
 
-    dtype = result_dtype(*(t.data.dtype for t in tensors))
-    if prim.moves and dtype in ROUND_TRIP_EXACT and _Emulation.round is None and all(
-            t.data.dtype == dtype for t in tensors):
-        arrays = [t.data for t in tensors]  # the upcast and the rounding would give these bits
-    else:
-        arrays = [to_compute(t.data) for t in tensors]
-    ans, res = prim.forward(*arrays, **(params or {}))
+    dtype = result_dtype(*(t.dtype for t in tensors))
+    ans, res = prim.forward(*(t._compute() for t in tensors), **(params or {}))
     if _Emulation.round is not None:
         ans = _Emulation.round(ans)
-    out = Tensor._wrap(to_storage(ans, dtype))
+    if dtype in CARRIED and ans.dtype == float32:
+        # float16 values stay float32 images (kinkprop.storage); a primitive that only moves
+        # elements of float16 inputs has nothing to round
+        moved = prim.moves and _Emulation.round is None and all(t.dtype == dtype for t in tensors)
+        out = Tensor._carrying(ans if moved else round_to_half(ans), dtype)
+    else:
+        out = Tensor._wrap(to_storage(ans, dtype))
     node = None
     if tape.is_grad_enabled() and any(t.requires_grad for t in tensors):
         parents = tuple(t if t.requires_grad else None for t in tensors)

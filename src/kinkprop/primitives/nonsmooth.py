@@ -468,7 +468,7 @@ def _reduce(x, axis, keepdims, ties, prims, name):
         if not -x.ndim <= axis < x.ndim:
             raise ValueError(f"{name}: axis {axis} out of range for shape {x.shape}")
         axis = int(axis) % x.ndim
-    if x.data.size == 0:
+    if x.size == 0:
         raise ValueError(f"{name}: empty input of shape {x.shape}")
     prim = prims[axis is not None]
     return apply(prim, (x,), {"axis": axis, "keepdims": bool(keepdims)},

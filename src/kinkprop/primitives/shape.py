@@ -61,7 +61,7 @@ def reshape(x, *shape) -> Tensor:
     shape = tuple(int(n) for n in shape)
     known = int(np.prod([n for n in shape if n != -1]))
     free = shape.count(-1)
-    size = x.data.size
+    size = x.size
     if free > 1 or (free == 0 and known != size) or (free == 1 and (known == 0 or size % known)):
         raise ValueError(f"reshape: cannot reshape {x.shape} into {shape}")
     return apply(_reshape, (x,), {"shape": shape})

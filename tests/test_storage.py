@@ -1,0 +1,165 @@
+"""float16 tensors keep computed values as float32 images (kinkprop.storage), and that changes
+nothing a user can see: the same bits as packing every result, arrays handed out stay the truth
+(writes into them count, held ones see every optimizer step), and images are never written."""
+
+import numpy as np
+import pytest
+
+import kinkprop as kp
+from kinkprop import storage
+from kinkprop.nn import Linear, ReLU, Sequential
+from kinkprop.optim import SGD, Adam
+from kinkprop.precision import float16
+
+
+def _bits(a):
+    return np.asarray(a).view(np.uint16)
+
+
+def _net(seed=0):
+    return Sequential(Linear(30, 40, rng=seed), ReLU(), Linear(40, 5, rng=seed + 1)).to("float16")
+
+
+def _packed_reference(x16, y, params16, lr):
+    """The same SGD step computed the old way: every primitive result packed to float16 by astype
+    and unpacked again (float32 arithmetic in between)."""
+    w1, b1, w2, b2 = (p.astype(np.float32) for p in params16)
+    r = lambda a: a.astype(np.float32).astype(np.float16).astype(np.float32)  # noqa: E731
+    x = x16.astype(np.float32)
+    h = r(x @ w1.T + b1)
+    a = r(np.maximum(h, 0))
+    z = r(a @ w2.T + b2)
+    zs = z - z.max(1, keepdims=True)
+    p = np.exp(zs) / np.exp(zs).sum(1, keepdims=True)
+    onehot = np.eye(5, dtype=np.float32)[y]
+    gz = r((p - onehot) / len(y))
+    gw2, gb2 = r(gz.T @ a), r(gz.sum(0))
+    ga = r(gz @ w2)
+    gh = r(ga * (h > 0))
+    gw1, gb1 = r(gh.T @ x), r(gh.sum(0))
+    new = [r(w - np.float32(lr) * g) for w, g in ((w1, gw1), (b1, gb1), (w2, gw2), (b2, gb2))]
+    return [n.astype(np.float16) for n in new], [g.astype(np.float16) for g in (gw1, gb1, gw2, gb2)]
+
+
+def test_a_training_step_gives_the_bits_of_packing_every_result():
+    rng = np.random.default_rng(0)
+    net = _net()
+    x16 = rng.standard_normal((64, 30)).astype(np.float16)
+    y = rng.integers(0, 5, 64)
+    before = [p.data.copy() for p in net.parameters()]
+    opt = SGD(net.parameters(), lr=0.5)
+    loss = kp.cross_entropy(net(kp.Tensor(x16)), y)
+    loss.backward()
+    grads = [p.grad.copy() for p in net.parameters()]
+    opt.step()
+    want_params, want_grads = _packed_reference(x16, y, before, 0.5)
+    for got, want in zip(grads, want_grads):
+        assert got.dtype == float16 and np.array_equal(_bits(got), _bits(want))
+    for p, want in zip(net.parameters(), want_params):
+        assert p.dtype == float16 and np.array_equal(_bits(p.data), _bits(want))
+
+
+def test_results_are_images_until_asked_for_and_then_the_array_is_the_truth():
+    x = kp.tensor(np.linspace(-2, 2, 12, dtype=np.float16).reshape(3, 4))
+    y = x * 3.1
+    assert y.dtype == float16 and y.shape == (3, 4) and y.ndim == 2 and y.size == 12 and len(y) == 3
+    assert y._value._image is not None and y._value._array is None  # nothing packed yet
+    d = y.data
+    assert d.dtype == float16 and y._value._image is None
+    want = np.linspace(-2, 2, 12, dtype=np.float16).astype(np.float32) * np.float32(np.float16(3.1))
+    assert np.array_equal(_bits(d), _bits(want.reshape(3, 4).astype(np.float16)))
+    d[0, 0] = 100.0  # a write into the handed-out array is the tensor's value from now on
+    assert (y + 0.0).data[0, 0] == 100.0
+    assert y.data is d
+
+
+def test_an_optimizer_step_stays_lazy_and_keeps_the_parameter_array():
+    net = _net()
+    p = net.parameters()[0]
+    arr_id = id(p.data)
+    opt = SGD(net.parameters(), lr=0.1)
+    kp.cross_entropy(net(kp.tensor(np.ones((4, 30), np.float16))), np.arange(4)).backward()
+    opt.step()
+    assert not p._value._packed  # the update lives in the image
+    assert id(p.data) == arr_id  # packed into the same array when asked for
+
+
+def test_an_array_held_elsewhere_sees_every_step_and_its_writes_count():
+    rng = np.random.default_rng(1)
+    net = _net()
+    w = net.parameters()[0]
+    held = w.data  # e.g. a pruning mask applied through a kept reference
+    view = net.parameters()[2].data[:2]  # a view holds its base array too
+    opt = Adam(net.parameters(), lr=1e-2)
+    x = kp.tensor(rng.standard_normal((8, 30)).astype(np.float16))
+    for _ in range(2):
+        opt.zero_grad()
+        kp.cross_entropy(net(x), np.arange(8) % 5).backward()
+        before = held.copy()
+        opt.step()
+        assert not np.array_equal(held, before)  # updated in place, as the array it is
+        assert np.array_equal(_bits(held), _bits(w.data))
+        assert np.shares_memory(view, net.parameters()[2].data)
+    held[...] = 0  # written behind the tensor's back: the next forward must see it
+    out = net[0](x)
+    assert np.array_equal(out.data, np.broadcast_to(net.parameters()[1].data, out.shape))
+
+
+def test_gradients_are_images_and_clipping_in_place_counts():
+    net = _net()
+    opt = SGD(net.parameters(), lr=1.0)
+    x = kp.tensor(np.full((4, 30), 0.5, np.float16))
+    kp.cross_entropy(net(x), np.arange(4)).backward()
+    b = net.parameters()[3]
+    assert b._grad._image is not None
+    g = b.grad
+    assert g.dtype == float16 and b._grad._image is None
+    g *= 0  # clip to nothing: the step must not move this parameter
+    before = b.data.copy()
+    opt.step()
+    assert np.array_equal(_bits(b.data), _bits(before))
+
+
+def test_accumulated_gradients_round_like_float16_addition():
+    w = kp.tensor(np.array([1.0, 2.0, 3.0], np.float16), requires_grad=True)
+    scale = np.float16(1.0009766)  # 1 + 2**-10: products leave float16's grid
+    for _ in range(3):
+        (w * scale).sum().backward()
+    want = np.float16(0)
+    for _ in range(3):
+        want = np.float16(want + scale)  # float16 += float16, as NumPy rounds it
+    assert w.grad.dtype == float16 and np.array_equal(w.grad, np.full(3, want, np.float16))
+
+
+def test_images_are_never_written_so_views_and_saved_residuals_stay_right():
+    w = kp.tensor(np.arange(6, dtype=np.float16).reshape(2, 3), requires_grad=True)
+    wt = w.T  # a view of w's image (a primitive that only moves elements)
+    opt = SGD([w], lr=1.0)
+    (wt * 2.0).sum().backward(retain_graph=False)
+    before_t = wt.data.copy()
+    opt.step()
+    assert np.array_equal(wt.data, before_t)  # the old value, as for a fresh copy
+    with pytest.raises(ValueError, match="read-only"):
+        w._compute()[0, 0] = 1.0
+
+
+def test_kp_grad_and_detach_hand_out_float16():
+    x = np.linspace(-1, 1, 10, dtype=np.float16)
+    g = kp.grad(lambda t: (t * t * 1.5).sum())(x)
+    assert g.dtype == float16
+    assert np.array_equal(_bits(g), _bits((x.astype(np.float32) * 3.0).astype(np.float16)))
+    y = kp.tensor(x) * 2.0
+    d = y.detach()
+    assert d._value._image is y._value._image  # shared, never written
+    assert np.array_equal(d.data, y.data)
+
+
+def test_sole_owner_counting_matches_this_interpreter():
+    s = storage.Stored(np.zeros(4, np.float16))
+    assert s._sole_owner()
+    held = s.array()
+    assert not s._sole_owner()
+    del held
+    assert s._sole_owner()
+    view = storage.Stored(np.zeros(8, np.float16)[::2])
+    assert not view._sole_owner()  # memory owned elsewhere
