@@ -163,3 +163,23 @@ def test_sole_owner_counting_matches_this_interpreter():
     assert s._sole_owner()
     view = storage.Stored(np.zeros(8, np.float16)[::2])
     assert not view._sole_owner()  # memory owned elsewhere
+
+
+@pytest.mark.parametrize("op", ["relu", "abs", "relu6", "hardtanh"])
+def test_selecting_primitives_give_the_round_trip_bits(op):
+    """relu, abs and relu6 skip the rounding (their outputs are inputs or 0 / 6); hardtanh with
+    bounds off float16's grid must not."""
+    specials = np.array([0x8000, 0x0000, 0x7C00, 0xFC00, 0x7E00, 0x0001, 0x8001, 0x4600, 0x4601],
+                        np.uint16).view(np.float16)
+    data = np.concatenate([specials, np.linspace(-8, 8, 300).astype(np.float16)])
+    x = kp.tensor(data)
+    f = {"relu": lambda t: kp.relu(t), "abs": lambda t: kp.abs(t), "relu6": lambda t: kp.relu6(t),
+         "hardtanh": lambda t: kp.hardtanh(t, -0.3, 0.7)}[op]
+    got = f(x).data
+    x32 = data.astype(np.float32)
+    want = {"relu": lambda: np.maximum(x32, np.zeros_like(x32)), "abs": lambda: np.abs(x32),
+            "relu6": lambda: np.clip(x32, 0.0, 6.0),
+            "hardtanh": lambda: np.clip(x32, np.float32(np.float16(-0.3)),
+                                        np.float32(np.float16(0.7)))}[op]()
+    with np.errstate(invalid="ignore"):
+        assert np.array_equal(_bits(got), _bits(want.astype(np.float16)))

@@ -56,8 +56,9 @@ class Primitive:
     kink_mask: Callable | None = None
     select: Callable | None = None
     count: Callable | None = None
-    #: the forward only moves, copies or selects elements (reshape, transpose, indexing, ...):
-    #: applied to float16 bits directly it gives what the float32 round trip would (see ``apply``)
+    #: every output element of the forward is an input element (moved, copied or selected:
+    #: reshape, indexing, relu, abs, ...) or a constant every format holds (relu's 0, relu6's 6):
+    #: float16 inputs give float16 values, so ``apply`` has nothing to round
     moves: bool = False
     select_reads: Callable | None = None
     demand: Callable | None = None

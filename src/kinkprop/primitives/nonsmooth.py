@@ -36,8 +36,8 @@ def _check_resolved(name, choice):
 # -- elementwise kinks -------------------------------------------------------------------------
 
 
-def _elementwise_kink(name, kink, f, smooth_d, locations):
-    """Register an elementwise non-smooth primitive.
+def _elementwise_kink(name, kink, f, smooth_d, locations, moves=False):
+    """Register an elementwise non-smooth primitive (``moves``: see :class:`Primitive`).
 
     ``f(x, **p)`` the function; ``smooth_d(x, **p)`` its derivative off the kinks (a fresh writable
     array; its value *at* a kink is irrelevant, the policy overwrites it); ``locations(**p)`` the
@@ -124,7 +124,7 @@ def _elementwise_kink(name, kink, f, smooth_d, locations):
         return need & ((np.asarray(smooth_d(x, **p)) != 0) | kink_mask(res))
 
     return register(name, forward, vjp, jvp, kink=kink, kink_mask=kink_mask, select=select,
-                    count=count, select_reads=kink_mask, demand=demand)
+                    count=count, select_reads=kink_mask, demand=demand, moves=moves)
 
 
 def _flat_tangent(ts, at):
@@ -163,15 +163,15 @@ _relu = _elementwise_kink(
     # against an array of zeros: NumPy 2.4's maximum with a scalar 0 runs a ~3x slower loop (same
     # bits, -0 and NaN included), and the zeros cost less than the difference
     "relu", "relu", lambda x: np.maximum(x, np.zeros_like(x)), lambda x: x > 0,
-    _LOCATIONS["relu"])
+    _LOCATIONS["relu"], moves=True)
 _leaky_relu = _elementwise_kink(
     "leaky_relu", "leaky_relu", lambda x, slope: np.where(x > 0, x, slope * x),
     lambda x, slope: np.where(x > 0, 1.0, slope).astype(x.dtype), _LOCATIONS["leaky_relu"])
-_abs = _elementwise_kink("abs", "abs", np.abs, np.sign, _LOCATIONS["abs"])
-_l1 = _elementwise_kink("l1_abs", "l1_loss", np.abs, np.sign, _LOCATIONS["l1_loss"])
+_abs = _elementwise_kink("abs", "abs", np.abs, np.sign, _LOCATIONS["abs"], moves=True)
+_l1 = _elementwise_kink("l1_abs", "l1_loss", np.abs, np.sign, _LOCATIONS["l1_loss"], moves=True)
 _relu6 = _elementwise_kink(
     "relu6", "relu6", lambda x: np.clip(x, 0.0, 6.0), lambda x: _between(x, 0.0, 6.0),
-    _LOCATIONS["relu6"])
+    _LOCATIONS["relu6"], moves=True)
 _hardtanh = _elementwise_kink(
     "hardtanh", "hardtanh", lambda x, lo, hi: np.clip(x, lo, hi), _between,
     _LOCATIONS["hardtanh"])
