@@ -183,3 +183,19 @@ def test_selecting_primitives_give_the_round_trip_bits(op):
                                         np.float32(np.float16(0.7)))}[op]()
     with np.errstate(invalid="ignore"):
         assert np.array_equal(_bits(got), _bits(want.astype(np.float16)))
+
+
+@pytest.mark.parametrize("at_kink", [0.0, 0.3, 1.0])
+def test_relu_cotangents_round_only_where_a_kink_value_needs_it(at_kink):
+    """Off its kink relu's VJP passes float16 cotangents on (nothing to round); on it, g * 0.3
+    leaves float16's grid and must be rounded (the subnormals here lose bits)."""
+    rng = np.random.default_rng(2)
+    x16 = rng.standard_normal(500).astype(np.float16)
+    x16[::7] = 0
+    g16 = (rng.standard_normal(500) * 1e-6).astype(np.float16)  # many subnormals
+    x = kp.tensor(x16, requires_grad=True)
+    kp.relu(x * 3.0, at_kink=at_kink).backward(g16)  # the product's VJP reads relu's cotangent
+    d = np.where(x16 > 0, 1.0, np.where(x16 == 0, at_kink, 0.0)).astype(np.float32)
+    g_relu = (g16.astype(np.float32) * d).astype(np.float16).astype(np.float32)
+    want = (g_relu * np.float32(3.0)).astype(np.float16)
+    assert np.array_equal(_bits(x.grad), _bits(want))

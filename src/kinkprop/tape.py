@@ -157,10 +157,10 @@ def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
             prev = pending.get(id(p))
             if p.dtype in CARRIED:
                 # float16 cotangents stay float32 images (kinkprop.storage), rounded once; a VJP
-                # that passes a float16 node's cotangent on as it is has nothing to round
+                # that passes a float16 node's cotangent on has nothing to round
                 if ct.dtype != float32:
                     ct = to_compute(to_storage(ct, p.dtype))
-                elif not (ct is g and t.dtype in CARRIED):
+                elif not (t.dtype in CARRIED and _passes_on(node, ct, g)):
                     ct = round_to_half(ct)
                 pending[id(p)] = ct if prev is None else round_to_half(prev + ct)
             else:
@@ -170,6 +170,13 @@ def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
             node.res = None
             node.released = True
     return found if wanted is not None else None
+
+
+def _passes_on(node, ct: np.ndarray, g: np.ndarray) -> bool:
+    """Whether the cotangent ``ct`` that ``node``'s VJP returned holds elements of its incoming
+    ``g`` only (as it is, or moved, negated or zeroed: ``Primitive.exact_vjp``)."""
+    return ct is g or (node.prim.exact_vjp is not None
+                       and node.prim.exact_vjp(node.res, node.choice))
 
 
 def _in_format(g: np.ndarray, dtype: np.dtype) -> np.ndarray:

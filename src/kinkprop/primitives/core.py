@@ -63,6 +63,10 @@ class Primitive:
     select_reads: Callable | None = None
     demand: Callable | None = None
     jvp_at: Callable | None = None
+    #: ``exact_vjp(res, choice)``: whether this call's VJP only moves, negates or zeroes elements
+    #: of the incoming cotangent (relu off its kink): float16 values stay float16 values, so
+    #: ``tape.backward`` has nothing to round
+    exact_vjp: Callable | None = None
 
     def hits(self, res) -> int:
         """How many output elements sit exactly on a kink (see ``kink_mask``)."""
@@ -80,9 +84,9 @@ PRIMITIVES: dict[str, Primitive] = {}
 
 def register(name, forward, vjp, jvp, kink: str | None = None, kink_mask=None, select=None,
              count=None, moves: bool = False, select_reads=None, demand=None,
-             jvp_at=None) -> Primitive:
+             jvp_at=None, exact_vjp=None) -> Primitive:
     prim = Primitive(name, forward, vjp, jvp, SPECS[kink] if kink else None, kink_mask, select,
-                     count, moves, select_reads, demand, jvp_at)
+                     count, moves, select_reads, demand, jvp_at, exact_vjp)
     PRIMITIVES[name] = prim
     return prim
 

@@ -37,7 +37,9 @@ def _check_resolved(name, choice):
 
 
 def _elementwise_kink(name, kink, f, smooth_d, locations, moves=False):
-    """Register an elementwise non-smooth primitive (``moves``: see :class:`Primitive`).
+    """Register an elementwise non-smooth primitive. ``moves``: f(x) is x, -x or a constant every
+    format holds, and ``smooth_d`` is -1, 0 or 1 (see :class:`Primitive`'s ``moves`` and
+    ``exact_vjp``: off the kinks, neither direction has anything to round).
 
     ``f(x, **p)`` the function; ``smooth_d(x, **p)`` its derivative off the kinks (a fresh writable
     array; its value *at* a kink is irrelevant, the policy overwrites it); ``locations(**p)`` the
@@ -124,7 +126,13 @@ def _elementwise_kink(name, kink, f, smooth_d, locations, moves=False):
         return need & ((np.asarray(smooth_d(x, **p)) != 0) | kink_mask(res))
 
     return register(name, forward, vjp, jvp, kink=kink, kink_mask=kink_mask, select=select,
-                    count=count, select_reads=kink_mask, demand=demand, moves=moves)
+                    count=count, select_reads=kink_mask, demand=demand, moves=moves,
+                    exact_vjp=_no_hits if moves else None)
+
+
+def _no_hits(res, choice) -> bool:
+    """No element on a kink: the VJP multiplies by ``smooth_d`` alone (see ``_elementwise_kink``)."""
+    return getattr(res[1], "hits", None) == 0
 
 
 def _flat_tangent(ts, at):
