@@ -131,14 +131,21 @@ def test_accumulated_gradients_round_like_float16_addition():
     assert w.grad.dtype == float16 and np.array_equal(w.grad, np.full(3, want, np.float16))
 
 
-def test_images_are_never_written_so_views_and_saved_residuals_stay_right():
+def test_images_are_never_written_and_views_stay_views():
+    """A transposed weight is a view of the weight's array (a primitive that only moves elements
+    runs on float16 arrays as they are): it sees the step, and writes through it reach the
+    weight, as in float32. Images, which residuals and other tensors may share, are read-only."""
     w = kp.tensor(np.arange(6, dtype=np.float16).reshape(2, 3), requires_grad=True)
-    wt = w.T  # a view of w's image (a primitive that only moves elements)
+    wt = w.T
+    assert np.shares_memory(wt.data, w.data)
     opt = SGD([w], lr=1.0)
-    (wt * 2.0).sum().backward(retain_graph=False)
-    before_t = wt.data.copy()
+    (wt * 2.0).sum().backward()
     opt.step()
-    assert np.array_equal(wt.data, before_t)  # the old value, as for a fresh copy
+    assert np.array_equal(wt.data, w.data.T) and wt.data[0, 0] == -2.0
+    wt.data[0, 0] = 42.0
+    assert w.data[0, 0] == 42.0
+    with pytest.raises(ValueError, match="read-only"):
+        (w * 1.0)._compute()[0, 0] = 1.0
     with pytest.raises(ValueError, match="read-only"):
         w._compute()[0, 0] = 1.0
 
@@ -149,9 +156,46 @@ def test_kp_grad_and_detach_hand_out_float16():
     assert g.dtype == float16
     assert np.array_equal(_bits(g), _bits((x.astype(np.float32) * 3.0).astype(np.float16)))
     y = kp.tensor(x) * 2.0
-    d = y.detach()
-    assert d._value._image is y._value._image  # shared, never written
-    assert np.array_equal(d.data, y.data)
+    d = y.detach()  # shares the array, as before: writes show in both
+    d.data[:] = 0
+    assert not y.data.any()
+    w = kp.tensor(x.copy(), requires_grad=True)
+    dw = w.detach()
+    opt = SGD([w], lr=1.0)
+    (w * 1.0).sum().backward()
+    opt.step()
+    assert np.array_equal(dw.data, w.data)
+
+
+def test_the_review_cases():
+    """Cases a review of this change found broken (each against the packed semantics)."""
+    x = kp.tensor(np.array([1.5, -2.5, 3.5], np.float16))
+    assert x[1].data == np.float16(-2.5) and kp.relu(x.sum()).data == np.float16(2.5)
+    # float8 emulation rounds relu's cotangent off float16's grid (65504 -> 65536): round again
+    a = kp.tensor(np.array([2.0, 4.0], np.float16), requires_grad=True)
+    with kp.precision.emulate_float8("fp8-e4m3"), np.errstate(over="ignore"):
+        kp.relu(a * 0.5).backward(np.array([65504.0, 1.0], np.float16))
+    assert np.array_equal(a.grad, np.array([np.inf, 0.5], np.float16))
+    # a float32 .grad on a float16 tensor accumulates in float32, as before
+    w = kp.tensor(np.array([1.0, 2.0], np.float16), requires_grad=True)
+    (w * 3.0).sum().backward()
+    w.grad = w.grad.astype(np.float32)
+    (w * 3.0).sum().backward()
+    assert w.grad.dtype == np.float32 and np.array_equal(w.grad, [6.0, 6.0])
+    # a reduction over a strided slice sums a compact upcast, as before (NumPy's float32 order
+    # depends on the layout): data built so that the two orders round apart
+    rng = np.random.default_rng(7)
+    b = (rng.standard_normal((40000, 3)) * 3).astype(np.float16)
+    b[1:4, 0] = 0
+    exact = b[:, ::2].astype(np.float64).sum()
+    lo = np.float16(exact + 300)
+    target = (float(lo) + float(np.nextafter(lo, np.float16(np.inf)))) / 2 - exact - 2.0 ** -14
+    for r in (1, 2, 3):
+        v = np.float16(target)
+        b[r, 0] = v
+        target -= float(v)
+    f = np.ascontiguousarray(b.astype(np.float32)[:, ::2])
+    assert kp.tensor(b)[:, ::2].sum().data == np.float16(f.sum())
 
 
 def test_sole_owner_counting_matches_this_interpreter():

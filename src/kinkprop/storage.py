@@ -12,12 +12,17 @@ The float16 array stays the truth wherever code outside the engine can reach it:
 
 * Handing the array out (``Tensor.data``, ``.grad``, ``.numpy()``) packs it and drops the image:
   whoever holds the array may write into it.
-* An image is made from the array, or a new value kept as an image only, while nothing but this
-  record holds the array (CPython's reference count; a view holds its base array too). Otherwise
-  a new value is packed into the array in place, as it always was, so that arrays held elsewhere
-  see every optimizer step.
-* Images are never written once made (they are read-only): views of them and residuals saved
-  for a backward pass stay valid when the value changes.
+* An image is made from the array (for parameters, read every step), or a new value kept as an
+  image only, while nothing but this record holds the array (CPython's reference count; a view
+  holds its base array too, so a transposed weight keeps its weight's updates in place).
+  Otherwise a new value is packed into the array in place, as it always was, so that arrays held
+  elsewhere see every optimizer step.
+* Images are never written once made (they are read-only): residuals saved for a backward pass
+  stay valid when the value changes.
+
+What the reference count cannot see: a raw pointer to the array's memory kept without a
+reference to the array (``ctypes``, ``__array_interface__``). Writes through one while the
+tensor holds an image are lost; read ``.data`` again after such writes (it drops the image).
 
 Other formats keep the array as the only copy (bfloat16's casts are compiled, in ml_dtypes).
 """
@@ -75,22 +80,17 @@ class Stored:
             self._image = None
         return self._array
 
-    def share(self) -> Stored:
-        """A record of the same value sharing its memory: the image if only it is current (never
-        written, so sharing it is safe), else the array."""
-        if self._image is not None and not self._packed:
-            return Stored.of_image(self._image, self.dtype)
-        return Stored(self.array())
-
-    def compute(self) -> np.ndarray:
-        """The value in the compute format (float32 for low precision). Do not write into it."""
+    def compute(self, keep: bool = True) -> np.ndarray:
+        """The value in the compute format (float32 for low precision). Do not write into it.
+        ``keep``: keep a float16 array's upcast as the image (while nothing else holds the
+        array), for values read again and again (parameters), at twice the memory."""
         image = self._image
         if image is not None:
             return image
         if self.dtype not in CARRIED:
             return to_compute(self._array)
         image = _frozen(half_to_float(self._array))
-        if self._sole_owner():  # nothing else can write the array: the image stays right
+        if keep and self._sole_owner():  # nothing else can write the array: the image stays right
             self._image = image
         return image
 

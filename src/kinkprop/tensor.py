@@ -91,8 +91,9 @@ class Tensor:
         self._grad = None if g is None else Stored(np.asarray(g))
 
     def _compute(self) -> np.ndarray:
-        """The values in the compute format (float32 for 16- and 8-bit formats); read only."""
-        return self._value.compute()
+        """The values in the compute format (float32 for 16- and 8-bit formats); read only. A
+        float16 tensor that requires grad (a parameter: read every step) keeps its upcast."""
+        return self._value.compute(keep=self._requires_grad)
 
     def _grad_compute(self) -> np.ndarray | None:
         return None if self._grad is None else self._grad.compute()
@@ -122,8 +123,9 @@ class Tensor:
         return self.data
 
     def detach(self) -> Tensor:
-        """The same values (sharing memory), outside the graph."""
-        return Tensor._of(self._value.share())
+        """The same values (sharing the array: writes into either's ``.data`` show in both),
+        outside the graph."""
+        return Tensor._wrap(self.data)
 
     def __repr__(self):
         extra = ", requires_grad=True" if self.requires_grad else ""
@@ -163,7 +165,8 @@ class Tensor:
         float16 tensor, an image (float32 values of float16, never written) from the sweep."""
         if g.shape != self.shape:  # a broadcast view reaching a leaf
             g = np.broadcast_to(g, self.shape)
-        if self.dtype in CARRIED and g.dtype == float32:
+        if self.dtype in CARRIED and g.dtype == float32 and (
+                self._grad is None or self._grad.dtype == self.dtype):
             if self._grad is None:
                 self._grad = Stored.of_image(g, self.dtype)
             else:  # as float16 += float16 rounds: the float32 sum, rounded once

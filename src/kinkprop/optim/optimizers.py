@@ -61,6 +61,8 @@ class Optimizer:
                 self._update(i, p.data, p.grad)
 
     def _update(self, i: int, w: np.ndarray, g: np.ndarray) -> None:
+        """Update parameter ``i``'s float array ``w`` in place from its gradient ``g``, which it
+        must only read (for float16 parameters ``g`` is a read-only image)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -42,7 +42,7 @@ import numpy as np
 from .. import tape
 from ..kinks.policy import current_policy
 from ..kinks.spec import SPECS, KinkSpec
-from ..precision import _Emulation, float32, result_dtype, round_to_half, to_storage
+from ..precision import ROUND_TRIP_EXACT, _Emulation, float32, result_dtype, round_to_half, to_storage
 from ..storage import CARRIED
 
 
@@ -56,13 +56,17 @@ class Primitive:
     kink_mask: Callable | None = None
     select: Callable | None = None
     count: Callable | None = None
-    #: every output element of the forward is an input element (moved, copied or selected:
-    #: reshape, indexing, relu, abs, ...) or a constant every format holds (relu's 0, relu6's 6):
-    #: float16 inputs give float16 values, so ``apply`` has nothing to round
+    #: the forward only moves or copies elements (reshape, transpose, indexing, ...): applied to
+    #: float16 arrays as they are, it gives the round trip's bits, and views stay views of the
+    #: inputs' arrays (see ``apply``)
     moves: bool = False
     select_reads: Callable | None = None
     demand: Callable | None = None
     jvp_at: Callable | None = None
+    #: every output element of the forward is an input element, its negative or a constant
+    #: every format holds (relu, abs, relu6), in a new array: float16 values in give float16
+    #: values out, so ``apply`` has nothing to round
+    exact_forward: bool = False
     #: ``exact_vjp(res, choice)``: whether this call's VJP only moves, negates or zeroes elements
     #: of the incoming cotangent (relu off its kink): float16 values stay float16 values, so
     #: ``tape.backward`` has nothing to round
@@ -84,9 +88,9 @@ PRIMITIVES: dict[str, Primitive] = {}
 
 def register(name, forward, vjp, jvp, kink: str | None = None, kink_mask=None, select=None,
              count=None, moves: bool = False, select_reads=None, demand=None,
-             jvp_at=None, exact_vjp=None) -> Primitive:
+             jvp_at=None, exact_forward: bool = False, exact_vjp=None) -> Primitive:
     prim = Primitive(name, forward, vjp, jvp, SPECS[kink] if kink else None, kink_mask, select,
-                     count, moves, select_reads, demand, jvp_at, exact_vjp)
+                     count, moves, select_reads, demand, jvp_at, exact_forward, exact_vjp)
     PRIMITIVES[name] = prim
     return prim
 
@@ -128,16 +132,22 @@ def apply(prim: Primitive, tensors: tuple, params: dict | None = None, choice=No
     from ..tensor import Tensor
 
     dtype = result_dtype(*(t.dtype for t in tensors))
-    ans, res = prim.forward(*(t._compute() for t in tensors), **(params or {}))
-    if _Emulation.round is not None:
-        ans = _Emulation.round(ans)
-    if dtype in CARRIED and ans.dtype == float32:
-        # float16 values stay float32 images (kinkprop.storage); a primitive that only moves
-        # elements of float16 inputs has nothing to round
-        moved = prim.moves and _Emulation.round is None and all(t.dtype == dtype for t in tensors)
-        out = Tensor._carrying(ans if moved else round_to_half(ans), dtype)
+    same = _Emulation.round is None and all(t.dtype == dtype for t in tensors)
+    if prim.moves and same and dtype in ROUND_TRIP_EXACT:
+        # float16 arrays as they are: the same bits as the round trip, and views of them stay
+        # views (a transposed weight sees the optimizer's steps, as in float32)
+        ans, res = prim.forward(*(t.data for t in tensors), **(params or {}))
+        out = Tensor._wrap(ans)
     else:
-        out = Tensor._wrap(to_storage(ans, dtype))
+        ans, res = prim.forward(*(t._compute() for t in tensors), **(params or {}))
+        if _Emulation.round is not None:
+            ans = _Emulation.round(ans)
+        if dtype in CARRIED and ans.dtype == float32:
+            # float16 values stay float32 images (kinkprop.storage)
+            exact = prim.exact_forward and same
+            out = Tensor._carrying(np.asarray(ans) if exact else round_to_half(ans), dtype)
+        else:
+            out = Tensor._wrap(to_storage(ans, dtype))
     node = None
     if tape.is_grad_enabled() and any(t.requires_grad for t in tensors):
         parents = tuple(t if t.requires_grad else None for t in tensors)

@@ -36,9 +36,9 @@ def _check_resolved(name, choice):
 # -- elementwise kinks -------------------------------------------------------------------------
 
 
-def _elementwise_kink(name, kink, f, smooth_d, locations, moves=False):
-    """Register an elementwise non-smooth primitive. ``moves``: f(x) is x, -x or a constant every
-    format holds, and ``smooth_d`` is -1, 0 or 1 (see :class:`Primitive`'s ``moves`` and
+def _elementwise_kink(name, kink, f, smooth_d, locations, exact=False):
+    """Register an elementwise non-smooth primitive. ``exact``: f(x) is x, -x or a constant every
+    format holds, and ``smooth_d`` is -1, 0 or 1 (see :class:`Primitive`'s ``exact_forward`` and
     ``exact_vjp``: off the kinks, neither direction has anything to round).
 
     ``f(x, **p)`` the function; ``smooth_d(x, **p)`` its derivative off the kinks (a fresh writable
@@ -126,8 +126,8 @@ def _elementwise_kink(name, kink, f, smooth_d, locations, moves=False):
         return need & ((np.asarray(smooth_d(x, **p)) != 0) | kink_mask(res))
 
     return register(name, forward, vjp, jvp, kink=kink, kink_mask=kink_mask, select=select,
-                    count=count, select_reads=kink_mask, demand=demand, moves=moves,
-                    exact_vjp=_no_hits if moves else None)
+                    count=count, select_reads=kink_mask, demand=demand, exact_forward=exact,
+                    exact_vjp=_no_hits if exact else None)
 
 
 def _no_hits(res, choice) -> bool:
@@ -171,15 +171,15 @@ _relu = _elementwise_kink(
     # against an array of zeros: NumPy 2.4's maximum with a scalar 0 runs a ~3x slower loop (same
     # bits, -0 and NaN included), and the zeros cost less than the difference
     "relu", "relu", lambda x: np.maximum(x, np.zeros_like(x)), lambda x: x > 0,
-    _LOCATIONS["relu"], moves=True)
+    _LOCATIONS["relu"], exact=True)
 _leaky_relu = _elementwise_kink(
     "leaky_relu", "leaky_relu", lambda x, slope: np.where(x > 0, x, slope * x),
     lambda x, slope: np.where(x > 0, 1.0, slope).astype(x.dtype), _LOCATIONS["leaky_relu"])
-_abs = _elementwise_kink("abs", "abs", np.abs, np.sign, _LOCATIONS["abs"], moves=True)
-_l1 = _elementwise_kink("l1_abs", "l1_loss", np.abs, np.sign, _LOCATIONS["l1_loss"], moves=True)
+_abs = _elementwise_kink("abs", "abs", np.abs, np.sign, _LOCATIONS["abs"], exact=True)
+_l1 = _elementwise_kink("l1_abs", "l1_loss", np.abs, np.sign, _LOCATIONS["l1_loss"], exact=True)
 _relu6 = _elementwise_kink(
     "relu6", "relu6", lambda x: np.clip(x, 0.0, 6.0), lambda x: _between(x, 0.0, 6.0),
-    _LOCATIONS["relu6"], moves=True)
+    _LOCATIONS["relu6"], exact=True)
 _hardtanh = _elementwise_kink(
     "hardtanh", "hardtanh", lambda x, lo, hi: np.clip(x, lo, hi), _between,
     _LOCATIONS["hardtanh"])

@@ -146,7 +146,7 @@ def getitem(x, index) -> Tensor:
     elif isinstance(index, list):
         index = np.asarray(index)
     try:
-        x._compute()[index]  # (not .data: a float16 tensor would be packed for nothing)
+        x.data[index]
     except IndexError as e:
         raise IndexError(f"getitem: {e} (tensor of shape {x.shape})") from None
     return apply(_getitem, (x,), {"index": index, "basic": _is_basic(index)})
