@@ -187,29 +187,18 @@ def _float_to_half(x: np.ndarray, out: np.ndarray) -> None:
 
 def _round_chunk(x: np.ndarray, out: np.ndarray, e: np.ndarray, y: np.ndarray) -> None:
     """Round the float32 chunk ``x`` into the float16 bits ``out``; ``e`` and ``y`` are work."""
-    np.bitwise_and(x.view(np.int32), _EXP_MASK, out=e)
-    large = None
-    if e.max() >= _LARGE_EXP:  # rare: overflow, inf or NaN: astype below, zeros meanwhile
-        large, xin = e >= _LARGE_EXP, x
-        x = np.where(large, np.float32(0), x)
-        np.bitwise_and(x.view(np.int32), _EXP_MASK, out=e)
-    np.maximum(e, _MIN_EXP[:e.size], out=e)
-    e += _TO_RIGHT_SHIFTER
-    c = e.view(np.float32)
-    # adding c = 1.5 * 2**(exponent + 13) rounds x to float16's spacing, to nearest even (the
-    # float32 addition does it), and subtracting it again leaves the rounded x, exactly
-    np.add(x, c, out=y)
-    y -= c
+    large = _grid_chunk(x, y, e)  # y: x rounded to float16's values, with x's sign
+    if large is not None:  # float16 values already (inf, NaN, or finite from 2**15 up)
+        kept = y[large].astype(float16).view(np.uint16)
     y *= _TWO_M112  # exact, and its bits 13..27 are those of the float16 magnitude
-    # t = sign << 31 | (y's bits << 3), whose top half is the float16 (bits 28..30 of y are zero;
-    # the sign is x's: y is +0 where a negative x rounds to zero)
+    # t = sign << 31 | (y's bits << 3), whose top half is the float16 (bits 28..30 of y are zero)
     t, yu = e.view(np.uint32), y.view(np.uint32)
-    np.bitwise_and(x.view(np.uint32), _SIGN_BIT, out=t)
+    np.bitwise_and(yu, _SIGN_BIT, out=t)
     np.left_shift(yu, _U3, out=yu)
     t |= yu
     np.right_shift(t, _U16, out=out, casting="unsafe")
     if large is not None:
-        out[large] = xin[large].astype(float16).view(np.uint16)
+        out[large] = kept
 
 
 def round_to_half(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -239,8 +228,9 @@ def round_to_half(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def _grid_chunk(x: np.ndarray, y: np.ndarray, e: np.ndarray) -> None:
-    """Round the float32 chunk ``x`` to float16's values into ``y``; ``e`` is work."""
+def _grid_chunk(x: np.ndarray, y: np.ndarray, e: np.ndarray) -> np.ndarray | None:
+    """Round the float32 chunk ``x`` to float16's values into ``y``; ``e`` is work. Returns the
+    mask of the elements that overflow or are inf or NaN (done by ``astype``), or None."""
     np.bitwise_and(x.view(np.int32), _EXP_MASK, out=e)
     large = None
     if e.max() >= _LARGE_EXP:  # rare: overflow, inf or NaN: astype below, zeros meanwhile
@@ -250,7 +240,9 @@ def _grid_chunk(x: np.ndarray, y: np.ndarray, e: np.ndarray) -> None:
     np.maximum(e, _MIN_EXP[:e.size], out=e)
     e += _TO_RIGHT_SHIFTER
     c = e.view(np.float32)
-    np.add(x, c, out=y)  # rounds to float16's spacing, to nearest even (see _round_chunk)
+    # adding c = 1.5 * 2**(exponent + 13) rounds x to float16's spacing, to nearest even (the
+    # float32 addition does it), and subtracting it again leaves the rounded x, exactly
+    np.add(x, c, out=y)
     y -= c
     # x + c - c is +0 where x rounds to zero (the smallest pattern as uint32): there, and
     # harmlessly elsewhere, put x's sign back (-0 stays -0)
@@ -260,13 +252,14 @@ def _grid_chunk(x: np.ndarray, y: np.ndarray, e: np.ndarray) -> None:
         yi |= e
     if large is not None:
         y[large] = xin[large].astype(float16)
+    return large
 
 
 _work = threading.local()
 
 
 def _work_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """This thread's two work arrays (one chunk each) for :func:`_round_chunk`."""
+    """This thread's two work arrays (one chunk each) for the chunked casts."""
     if getattr(_work, "e", None) is None:
         _work.e, _work.y = np.empty(_CHUNK, np.int32), np.empty(_CHUNK, np.float32)
     return _work.e, _work.y
