@@ -170,7 +170,19 @@ def test_kp_grad_and_detach_hand_out_float16():
 def test_the_review_cases():
     """Cases a review of this change found broken (each against the packed semantics)."""
     x = kp.tensor(np.array([1.5, -2.5, 3.5], np.float16))
-    assert x[1].data == np.float16(-2.5) and kp.relu(x.sum()).data == np.float16(2.5)
+    one = x[1].data
+    assert isinstance(one, np.ndarray) and one.shape == () and one == np.float16(-2.5)
+    one[...] = 7  # a 0-d array, writable, as in float32
+    assert kp.relu(x.sum()).data == np.float16(2.5)
+    # a float64 .grad set on a float16 parameter steps in float32, as before
+    rng = np.random.default_rng(3)
+    w0 = (rng.standard_normal(200_000) * 0.05).astype(np.float16)
+    g64 = rng.standard_normal(200_000) * 0.3
+    p = kp.tensor(w0.copy(), requires_grad=True)
+    p.grad = g64
+    SGD([p], lr=0.1).step()
+    want = (w0.astype(np.float32) - np.float32(0.1) * g64.astype(np.float32)).astype(np.float16)
+    assert np.array_equal(_bits(p.data), _bits(want))
     # float8 emulation rounds relu's cotangent off float16's grid (65504 -> 65536): round again
     a = kp.tensor(np.array([2.0, 4.0], np.float16), requires_grad=True)
     with kp.precision.emulate_float8("fp8-e4m3"), np.errstate(over="ignore"):

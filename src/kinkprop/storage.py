@@ -20,9 +20,10 @@ The float16 array stays the truth wherever code outside the engine can reach it:
 * Images are never written once made (they are read-only): residuals saved for a backward pass
   stay valid when the value changes.
 
-What the reference count cannot see: a raw pointer to the array's memory kept without a
-reference to the array (``ctypes``, ``__array_interface__``). Writes through one while the
-tensor holds an image are lost; read ``.data`` again after such writes (it drops the image).
+What the reference count cannot see: a weak reference to the array, or a raw pointer to its
+memory kept without a reference (``ctypes``, ``__array_interface__``). Through those, values
+may be stale and writes lost while the tensor holds an image; read ``.data`` again instead (it
+packs and drops the image).
 
 Other formats keep the array as the only copy (bfloat16's casts are compiled, in ml_dtypes).
 """

@@ -137,7 +137,7 @@ def apply(prim: Primitive, tensors: tuple, params: dict | None = None, choice=No
         # float16 arrays as they are: the same bits as the round trip, and views of them stay
         # views (a transposed weight sees the optimizer's steps, as in float32)
         ans, res = prim.forward(*(t.data for t in tensors), **(params or {}))
-        out = Tensor._wrap(ans)
+        out = Tensor._wrap(np.asarray(ans))  # (x[1] of a vector: a 0-d array, not a scalar)
     else:
         ans, res = prim.forward(*(t._compute() for t in tensors), **(params or {}))
         if _Emulation.round is not None:
