@@ -92,8 +92,8 @@ class Tensor:
 
     def _compute(self) -> np.ndarray:
         """The values in the compute format (float32 for 16- and 8-bit formats); read only. A
-        float16 tensor that requires grad (a parameter: read every step) keeps its upcast."""
-        return self._value.compute(keep=self._requires_grad)
+        float16 leaf that requires grad (a parameter: read every step) keeps its upcast."""
+        return self._value.compute(keep=self._requires_grad and self._node is None)
 
     def _grad_compute(self) -> np.ndarray | None:
         return None if self._grad is None else self._grad.compute()
