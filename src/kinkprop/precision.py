@@ -131,18 +131,38 @@ _SIGN_BIT32 = np.int32(-0x80000000)
 
 def half_to_float(h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float16 -> float32, exactly as ``h.astype(np.float32)`` (into ``out`` when given)."""
-    h = np.asarray(h)
+    # a few ufunc calls cost more than NumPy's loop on a few elements
+    return _cast(h, out, float16, float32, lambda h: h.size < _SMALL_UP, np.copyto,
+                 _half_to_float)
+
+
+def _cast(x, out, x_dtype, out_dtype, numpy_first, by_numpy, by_passes) -> np.ndarray:
+    """What the casts share: ``out`` made like ``x`` (its C or Fortran order, as ``astype``
+    keeps), the dtypes checked, a strided ``x`` through a contiguous copy; then
+    ``by_numpy(out, x)`` where ``numpy_first(x)`` says NumPy's own loop is the one to take, else
+    ``by_passes`` on flat views of the two."""
+    x = np.asarray(x)
     if out is None:
-        out = np.empty_like(h, dtype=float32)
-    _check_dtypes(h, float16, out, float32)
-    pair = _flat_pair(h, out)
+        out = np.empty_like(x, dtype=out_dtype)
+    _check_dtypes(x, x_dtype, out, out_dtype)
+    pair = _flat_pair(x, out)
     if pair is None:  # strided: convert a contiguous copy
-        np.copyto(out, half_to_float(np.ascontiguousarray(h)))
-    elif h.size < _SMALL_UP:  # a few ufunc calls cost more than NumPy's loop on a few elements
-        np.copyto(out, h)
+        np.copyto(out, _cast(np.ascontiguousarray(x), None, x_dtype, out_dtype, numpy_first,
+                             by_numpy, by_passes))
+    elif numpy_first(x):
+        by_numpy(out, x)
     else:
-        _half_to_float(*pair)
+        by_passes(*pair)
     return out
+
+
+def _by_chunks(chunk, x: np.ndarray, out: np.ndarray, *work: np.ndarray) -> None:
+    """``chunk(x, out, *work)`` on 1-D ``x`` and ``out`` a chunk at a time, with the per-thread
+    work arrays cut to size: chunks stay in cache, and fresh temporaries this large would cost
+    page faults."""
+    for i in range(0, x.size, _CHUNK):
+        j = min(i + _CHUNK, x.size)
+        chunk(x[i:j], out[i:j], *(w[:j - i] for w in work))
 
 
 def _half_to_float(h: np.ndarray, out: np.ndarray) -> None:
@@ -163,28 +183,20 @@ def _half_to_float(h: np.ndarray, out: np.ndarray) -> None:
 def float_to_half(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32 -> float16 rounded to nearest even, exactly as ``x.astype(np.float16)``: the same
     bits, and the same overflow warnings or errors (``np.errstate``), into ``out`` when given."""
-    x = np.asarray(x)
-    if out is None:
-        out = np.empty_like(x, dtype=float16)
-    _check_dtypes(x, float32, out, float16)
-    pair = _flat_pair(x, out)
-    if pair is None:  # strided: convert a contiguous copy
-        np.copyto(out, float_to_half(np.ascontiguousarray(x)))
-    elif np.geterr()["under"] != "ignore" or x.size < _SMALL_DOWN:
-        # astype reports float16 subnormals as underflow; on a few elements its loop is quicker
-        np.copyto(out, x, casting="same_kind")
-    else:
-        _float_to_half(pair[0], pair[1].view(np.uint16))
-    return out
+    return _cast(x, out, float32, float16, _astype_first, _astype_into, _float_to_half)
+
+
+def _astype_first(x: np.ndarray) -> bool:
+    """astype reports float16 subnormals as underflow; on a few elements its loop is quicker."""
+    return x.size < _SMALL_DOWN or np.geterr()["under"] != "ignore"
+
+
+def _astype_into(out: np.ndarray, x: np.ndarray) -> None:
+    np.copyto(out, x, casting="same_kind")
 
 
 def _float_to_half(x: np.ndarray, out: np.ndarray) -> None:
-    """The cast of 1-D ``x`` into the bits ``out``, chunk by chunk through two work arrays kept per
-    thread: chunks stay in cache, and fresh temporaries this large would cost page faults."""
-    e, y = _work_arrays()
-    for i in range(0, x.size, _CHUNK):
-        j = min(i + _CHUNK, x.size)
-        _round_chunk(x[i:j], out[i:j], e[:j - i], y[:j - i])
+    _by_chunks(_round_chunk, x, out.view(np.uint16), *_work_arrays())
 
 
 def _round_chunk(x: np.ndarray, out: np.ndarray, e: np.ndarray, y: np.ndarray) -> None:
@@ -210,24 +222,12 @@ def round_to_half(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
     A float16 tensor that kinkprop computes keeps its values this way (:mod:`kinkprop.storage`):
     about 7 passes an element against ~15 for the cast down and back up."""
-    x = np.asarray(x)
-    if out is None:
-        out = np.empty_like(x)
-    elif np.may_share_memory(x, out):
-        raise ValueError("round_to_half: out overlaps the input")
-    _check_dtypes(x, float32, out, float32)
-    pair = _flat_pair(x, out)
-    if pair is None:  # strided: round a contiguous copy
-        np.copyto(out, round_to_half(np.ascontiguousarray(x)))
-    elif x.size < _SMALL_GRID or np.geterr()["under"] != "ignore":
-        np.copyto(out, x.astype(float16))  # a few elements, or astype's underflow reports
-    else:
-        e = _work_arrays()[0]
-        x, y = pair
-        for i in range(0, x.size, _CHUNK):
-            j = min(i + _CHUNK, x.size)
-            _grid_chunk(x[i:j], y[i:j], e[:j - i])
-    return out
+    if out is not None and np.may_share_memory(x, out):
+        raise ValueError("round_to_half: out overlaps the input; pass a separate array (or none)")
+    return _cast(x, out, float32, float32,
+                 lambda x: x.size < _SMALL_GRID or np.geterr()["under"] != "ignore",
+                 lambda out, x: np.copyto(out, x.astype(float16)),
+                 lambda x, y: _by_chunks(_grid_chunk, x, y, _work_arrays()[0]))
 
 
 def _grid_chunk(x: np.ndarray, y: np.ndarray, e: np.ndarray) -> np.ndarray | None:
