@@ -164,9 +164,38 @@ def test_round_to_half_warns_like_astype_and_keeps_layout():
     out = np.empty_like(f)
     assert round_to_half(f, out) is out
     with pytest.raises(ValueError, match="overlaps"):
-        round_to_half(f, f)
+        round_to_half(f[1:], f[:-1])
     with pytest.raises(TypeError, match="float32"):
         round_to_half(f.astype(np.float64))
+
+
+def test_round_to_half_in_place():
+    """``out=x`` rounds in x's own memory to the same bits: every tie and its neighbours, signed
+    zeros and values that round to them, overflow, inf and NaN (astype's path inside a chunk),
+    across chunk boundaries, in C and Fortran order and strided."""
+    h = ALL_HALVES[:0x7C01].astype(np.float64)
+    mid = ((h[:-1] + h[1:]) / 2).astype(np.float32)
+    ties = np.concatenate([mid, np.nextafter(mid, np.float32(0)), np.nextafter(mid, np.float32(np.inf))])
+    ties = np.concatenate([ties, -ties, ties[::-1], -ties[::-1]])
+    ties[::7] = np.float32(-1e-9)  # signs to keep in every chunk
+    assert ties.size > 2 * precision._CHUNK
+    edge = np.ones(FAST, np.float32)
+    edge[5], edge[-5] = -(2.0 ** -25), -(2.0 ** -24)  # the largest magnitude that rounds to -0
+    special = np.resize(np.float32([1e6, -np.inf, np.nan, -70000.0, 65519.0, -3e-8, 0.5]), FAST)
+    cases = (ties, np.asfortranarray(ties.reshape(2, -1)), edge, special, np.float32([-1e-9, 2.0]))
+    for a in cases:
+        with np.errstate(over="ignore"):
+            want = a.astype(np.float16).astype(np.float32)
+            b = a.copy(order="A")
+            assert round_to_half(b, b) is b
+        assert np.array_equal(_bits(b), _bits(want)) and b.flags.f_contiguous == a.flags.f_contiguous
+    b = ties.copy()
+    v = b[::3]
+    round_to_half(v, v)
+    assert np.array_equal(_bits(b[::3]), _bits(ties[::3].astype(np.float16).astype(np.float32)))
+    assert np.array_equal(b[1::3], ties[1::3])
+    with pytest.warns(RuntimeWarning, match="overflow"):
+        round_to_half(special, special)
 
 
 def test_float_to_half_layouts_out_and_sizes():

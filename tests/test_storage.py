@@ -255,3 +255,40 @@ def test_relu_cotangents_round_only_where_a_kink_value_needs_it(at_kink):
     g_relu = (g16.astype(np.float32) * d).astype(np.float16).astype(np.float32)
     want = (g_relu * np.float32(3.0)).astype(np.float16)
     assert np.array_equal(_bits(x.grad), _bits(want))
+
+
+@pytest.mark.parametrize("op", ["tanh", "exp", "sigmoid", "sqrt"])
+def test_an_output_the_backward_pass_reads_keeps_its_float32_values(op):
+    """Fresh results are rounded in their own memory only when nothing else holds them: these
+    primitives keep their output for the VJP, which reads it as computed (before rounding)."""
+    rng = np.random.default_rng(3)
+    x16 = rng.uniform(0.01 if op == "sqrt" else -3, 3, 5000).astype(np.float16)
+    g16 = rng.standard_normal(5000).astype(np.float16)
+    x, g = x16.astype(np.float32), g16.astype(np.float32)
+    r = lambda a: a.astype(np.float16)  # noqa: E731
+    y = {"tanh": lambda: np.tanh(x), "exp": lambda: np.exp(x), "sqrt": lambda: np.sqrt(x),
+         "sigmoid": lambda: 0.5 * (1.0 + np.tanh(0.5 * x))}[op]()
+    d = {"tanh": lambda: 1.0 - y * y, "exp": lambda: y, "sqrt": lambda: 0.5 / y,
+         "sigmoid": lambda: y * (1.0 - y)}[op]()
+    t = kp.tensor(x16, requires_grad=True)
+    out = getattr(kp, op)(t)
+    out.backward(g16)
+    assert np.array_equal(_bits(out.data), _bits(r(y)))
+    assert np.array_equal(_bits(t.grad), _bits(r(g * d)))
+
+
+def test_kink_hooks_see_the_output_before_it_is_rounded():
+    from kinkprop import tape
+
+    seen = []
+    hook = lambda prim, site, res, ans, node: seen.append(np.array(ans))  # noqa: E731
+    x16 = np.linspace(-4, 4, 3001).astype(np.float16)
+    tape.Hooks.on_kink.append(hook)
+    try:
+        out = kp.leaky_relu(kp.tensor(x16), 0.1)
+    finally:
+        tape.Hooks.on_kink.remove(hook)
+    x = x16.astype(np.float32)
+    want = np.where(x > 0, x, x * np.float32(0.1))
+    assert np.array_equal(seen[0], want) and not np.array_equal(seen[0], want.astype(np.float16))
+    assert np.array_equal(_bits(out.data), _bits(want.astype(np.float16)))

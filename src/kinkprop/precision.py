@@ -125,6 +125,8 @@ _MIN_EXP.flags.writeable = False
 _TO_RIGHT_SHIFTER = np.int32(0x06C00000)
 #: exponent field of 2**15: from there up (overflow, inf, NaN) elements take ``astype``
 _LARGE_EXP = 142 << 23
+#: exponent field of 2**-25: an element at or below it may round to zero, whose sign is x's
+_TINY_EXP = 102 << 23
 _SIGN_BIT, _U3, _U16 = np.uint32(0x80000000), np.uint32(3), np.uint32(16)
 _SIGN_BIT32 = np.int32(-0x80000000)
 
@@ -199,9 +201,10 @@ def _float_to_half(x: np.ndarray, out: np.ndarray) -> None:
     _by_chunks(_round_chunk, x, out.view(np.uint16), *_work_arrays())
 
 
-def _round_chunk(x: np.ndarray, out: np.ndarray, e: np.ndarray, y: np.ndarray) -> None:
-    """Round the float32 chunk ``x`` into the float16 bits ``out``; ``e`` and ``y`` are work."""
-    large = _grid_chunk(x, y, e)  # y: x rounded to float16's values, with x's sign
+def _round_chunk(x: np.ndarray, out: np.ndarray, e: np.ndarray, y: np.ndarray,
+                 s: np.ndarray) -> None:
+    """Round the float32 chunk ``x`` into the float16 bits ``out``; ``e``, ``y``, ``s`` are work."""
+    large = _grid_chunk(x, y, e, s)  # y: x rounded to float16's values, with x's sign
     if large is not None:  # float16 values already (inf, NaN, or finite from 2**15 up)
         kept = y[large].astype(float16).view(np.uint16)
     y *= _TWO_M112  # exact, and its bits 13..27 are those of the float16 magnitude
@@ -218,27 +221,36 @@ def _round_chunk(x: np.ndarray, out: np.ndarray, e: np.ndarray, y: np.ndarray) -
 def round_to_half(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32 -> float32 rounded to float16's values: bit for bit
     ``x.astype(np.float16).astype(np.float32)`` (the same warnings too), without packing. The
-    result is a fresh array unless ``out`` (which must not overlap ``x``) is given.
+    result is a fresh array, or ``out``: ``x`` itself to round in place (fewer bytes through
+    the caches than a second array), or an array that does not overlap ``x``.
 
     A float16 tensor that kinkprop computes keeps its values this way (:mod:`kinkprop.storage`):
     about 7 passes an element against ~15 for the cast down and back up."""
-    if out is not None and np.may_share_memory(x, out):
-        raise ValueError("round_to_half: out overlaps the input; pass a separate array (or none)")
+    if out is not None and out is not x and np.may_share_memory(x, out):
+        raise ValueError("round_to_half: out overlaps the input; pass x itself (in place), "
+                         "a separate array, or none")
     return _cast(x, out, float32, float32,
                  lambda x: x.size < _SMALL_GRID or np.geterr()["under"] != "ignore",
                  lambda out, x: np.copyto(out, x.astype(float16)),
-                 lambda x, y: _by_chunks(_grid_chunk, x, y, _work_arrays()[0]))
+                 lambda x, y: _by_chunks(_grid_chunk, x, y, *_work_arrays()[::2]))
 
 
-def _grid_chunk(x: np.ndarray, y: np.ndarray, e: np.ndarray) -> np.ndarray | None:
-    """Round the float32 chunk ``x`` to float16's values into ``y``; ``e`` is work. Returns the
-    mask of the elements that overflow or are inf or NaN (done by ``astype``), or None."""
+def _grid_chunk(x: np.ndarray, y: np.ndarray, e: np.ndarray, s: np.ndarray) -> np.ndarray | None:
+    """Round the float32 chunk ``x`` to float16's values into ``y``, which may be ``x`` itself;
+    ``e`` and ``s`` are work. Returns the mask of the elements that overflow or are inf or NaN
+    (done by ``astype``), or None."""
     np.bitwise_and(x.view(np.int32), _EXP_MASK, out=e)
     large = None
     if e.max() >= _LARGE_EXP:  # rare: overflow, inf or NaN: astype below, zeros meanwhile
-        large, xin = e >= _LARGE_EXP, x
-        x = np.where(large, np.float32(0), x)
+        large = e >= _LARGE_EXP
+        kept = x[large].astype(float16)
+        x = np.where(large, np.float32(0), x)  # a copy: y may be the input
         np.bitwise_and(x.view(np.int32), _EXP_MASK, out=e)
+    # x + c - c below is +0 where x rounds to zero: there, and harmlessly elsewhere, put x's
+    # sign back (-0 stays -0), kept before y (maybe x) is written
+    signs = e.min() <= _TINY_EXP
+    if signs:
+        np.bitwise_and(x.view(np.int32), _SIGN_BIT32, out=s)
     np.maximum(e, _MIN_EXP[:e.size], out=e)
     e += _TO_RIGHT_SHIFTER
     c = e.view(np.float32)
@@ -246,25 +258,24 @@ def _grid_chunk(x: np.ndarray, y: np.ndarray, e: np.ndarray) -> np.ndarray | Non
     # float32 addition does it), and subtracting it again leaves the rounded x, exactly
     np.add(x, c, out=y)
     y -= c
-    # x + c - c is +0 where x rounds to zero (the smallest pattern as uint32): there, and
-    # harmlessly elsewhere, put x's sign back (-0 stays -0)
-    if y.view(np.uint32).min() == 0:
-        np.bitwise_and(x.view(np.int32), _SIGN_BIT32, out=e)
+    if signs:
         yi = y.view(np.int32)
-        yi |= e
+        yi |= s
     if large is not None:
-        y[large] = xin[large].astype(float16)
+        y[large] = kept
     return large
 
 
 _work = threading.local()
 
 
-def _work_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """This thread's two work arrays (one chunk each) for the chunked casts."""
+def _work_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's three work arrays (one chunk each: int32, float32, int32) for the chunked
+    casts."""
     if getattr(_work, "e", None) is None:
         _work.e, _work.y = np.empty(_CHUNK, np.int32), np.empty(_CHUNK, np.float32)
-    return _work.e, _work.y
+        _work.s = np.empty(_CHUNK, np.int32)
+    return _work.e, _work.y, _work.s
 
 
 def _check_dtypes(a: np.ndarray, a_dtype: np.dtype, out: np.ndarray, out_dtype: np.dtype) -> None:

@@ -34,7 +34,7 @@ import sys
 
 import numpy as np
 
-from .precision import ROUND_TRIP_EXACT, float16, float_to_half, half_to_float, to_compute
+from .precision import ROUND_TRIP_EXACT, float16, float_to_half, half_to_float, round_to_half, to_compute
 
 #: storage formats whose values a tensor may keep as a float32 image: only formats whose round
 #: trip through float32 keeps every bit pattern (NaN payloads too), so that an image loses nothing
@@ -114,6 +114,17 @@ class Stored:
         return _getrefcount(a)
 
 
+def rounded(a: np.ndarray) -> np.ndarray:
+    """float16's values of ``a``, a float32 result that the engine has just computed (a
+    primitive's output, a cotangent, a sum), as float32: rounded in ``a``'s own memory when
+    only the caller's one name holds it (fewer bytes through the caches), else into a new array.
+    Call it with a local variable that the caller drops or rebinds to the result."""
+    if (_getrefcount is not None and isinstance(a, np.ndarray) and a.base is None
+            and a.flags.writeable and _getrefcount(a) <= _FRESH_REFS):
+        return round_to_half(a, a)
+    return round_to_half(a)
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
     return a
@@ -127,3 +138,19 @@ def _sole_refs() -> int:
 
 
 _SOLE_REFS = _sole_refs()
+
+
+def _refs_of_argument(a) -> int:
+    return _getrefcount(a)
+
+
+def _fresh_refs() -> int:
+    """What :func:`rounded` counts for an array that only its caller's one local name holds
+    (that name, the argument, the call's argument: 3 on CPython 3.11 to 3.13)."""
+    if _getrefcount is None:
+        return 0
+    a = np.empty(1, np.float32)
+    return _refs_of_argument(a)
+
+
+_FRESH_REFS = _fresh_refs()

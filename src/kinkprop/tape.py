@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .precision import _Emulation, float32, float_to_half, round_to_half, to_compute, to_storage
-from .storage import CARRIED
+from .precision import _Emulation, float32, float_to_half, to_compute, to_storage
+from .storage import CARRIED, rounded
 
 if TYPE_CHECKING:
     from .primitives.core import Primitive
@@ -148,8 +148,10 @@ def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
             hook(node, g)
         needs = tuple(p is not None for p in node.parents)
         g = to_compute(g)
-        cts = node.prim.vjp(g, node.res, needs, node.choice)
-        for p, ct in zip(node.parents, cts):
+        cts = list(node.prim.vjp(g, node.res, needs, node.choice))
+        for k in range(min(len(cts), len(node.parents))):
+            # taken out of the list: a cotangent that only this loop holds is rounded in place
+            p, ct, cts[k] = node.parents[k], cts[k], None
             if p is None or ct is None:
                 continue
             if _Emulation.round is not None:
@@ -161,8 +163,11 @@ def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
                 if ct.dtype != float32:
                     ct = to_compute(to_storage(ct, p.dtype))
                 elif not (t.dtype in CARRIED and _passes_on(node, ct, g)):
-                    ct = round_to_half(ct)
-                pending[id(p)] = ct if prev is None else round_to_half(prev + ct)
+                    ct = rounded(ct)
+                if prev is not None:
+                    ct = prev + ct
+                    ct = rounded(ct)
+                pending[id(p)] = ct
             else:
                 ct = to_storage(ct, p.dtype)
                 pending[id(p)] = ct if prev is None else prev + ct

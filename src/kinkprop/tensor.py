@@ -16,8 +16,8 @@ import numbers
 import numpy as np
 
 from . import tape
-from .precision import as_dtype, float32, is_float, round_to_half
-from .storage import CARRIED, Stored
+from .precision import as_dtype, float32, is_float
+from .storage import CARRIED, Stored, rounded
 
 
 class Tensor:
@@ -170,7 +170,8 @@ class Tensor:
             if self._grad is None:
                 self._grad = Stored.of_image(g, self.dtype)
             else:  # as float16 += float16 rounds: the float32 sum, rounded once
-                self._grad.assign(round_to_half(self._grad.compute() + g))
+                total = self._grad.compute() + g
+                self._grad.assign(rounded(total))
         elif self._grad is None:
             self.grad = np.array(g, dtype=self.dtype, copy=True)
         else:

@@ -47,13 +47,12 @@ class Optimizer:
             if p._grad is None:
                 continue
             if p.dtype in CARRIED:  # float32 values of float16 in and out (kinkprop.storage)
-                w, g = self._buffers("_param32")[i], p._grad_compute()
-                np.copyto(w, p._compute())
+                w, g = np.array(p._compute()), p._grad_compute()  # w: the new image, once rounded
                 if g.dtype != float32:  # a .grad set in another format: in float32, as always
                     g = self._buffers("_grad32")[i]
                     np.copyto(g, p._grad_compute(), casting="unsafe")
                 self._update(i, w, g)
-                p._assign(round_to_half(w))
+                p._assign(round_to_half(w, w))
             elif p.dtype in LOW_PRECISION:  # compute in float32, round the result once
                 w, g = self._buffers("_param32")[i], self._buffers("_grad32")[i]
                 _upcast(p.data, w)

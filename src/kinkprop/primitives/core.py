@@ -43,7 +43,7 @@ from .. import tape
 from ..kinks.policy import current_policy
 from ..kinks.spec import SPECS, KinkSpec
 from ..precision import ROUND_TRIP_EXACT, _Emulation, float32, result_dtype, round_to_half, to_storage
-from ..storage import CARRIED
+from ..storage import CARRIED, rounded
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,8 +144,13 @@ def apply(prim: Primitive, tensors: tuple, params: dict | None = None, choice=No
             ans = _Emulation.round(ans)
         if dtype in CARRIED and ans.dtype == float32:
             # float16 values stay float32 images (kinkprop.storage)
-            exact = prim.exact_forward and same
-            out = Tensor._carrying(np.asarray(ans) if exact else round_to_half(ans), dtype)
+            if prim.exact_forward and same:
+                image = np.asarray(ans)
+            elif prim.kink is not None and tape.Hooks.on_kink:
+                image = round_to_half(ans)  # the hooks below see ans as the primitive left it
+            else:
+                image = rounded(ans)  # in place when the primitive kept no reference to it
+            out = Tensor._carrying(image, dtype)
         else:
             out = Tensor._wrap(to_storage(ans, dtype))
     node = None
