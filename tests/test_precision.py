@@ -16,7 +16,7 @@ import pytest
 
 import kinkprop as kp
 from kinkprop import precision
-from kinkprop.optim import SGD, Adam
+from kinkprop.optim import SGD, Adam, AdamW
 from kinkprop.precision import float_to_half, half_to_float, round_to_half, to_compute, to_storage
 
 ALL_HALVES = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
@@ -284,7 +284,10 @@ def _reference_step(opt_cls, kwargs, w, g, steps):
 
 @pytest.mark.parametrize("opt_cls, kwargs", [(SGD, {"lr": 0.1}),
                                              (SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}),
-                                             (Adam, {"lr": 1e-3})])
+                                             (SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+                                             (Adam, {"lr": 1e-3}),
+                                             (Adam, {"lr": 1e-3, "weight_decay": 0.1}),
+                                             (AdamW, {"lr": 1e-3, "weight_decay": 0.1})])
 def test_optimizer_steps_on_float16_parameters_round_once(opt_cls, kwargs):
     rng = np.random.default_rng(5)
     w = (rng.standard_normal((300, 700)) * 0.05).astype(np.float16)

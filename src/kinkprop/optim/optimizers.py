@@ -47,24 +47,27 @@ class Optimizer:
             if p._grad is None:
                 continue
             if p.dtype in CARRIED:  # float32 values of float16 in and out (kinkprop.storage)
-                w, g = np.array(p._compute()), p._grad_compute()  # w: the new image, once rounded
+                w, g = p._compute(), p._grad_compute()
                 if g.dtype != float32:  # a .grad set in another format: in float32, as always
                     g = self._buffers("_grad32")[i]
                     np.copyto(g, p._grad_compute(), casting="unsafe")
-                self._update(i, w, g)
-                p._assign(round_to_half(w, w))
+                new = np.empty_like(w)  # the new image, once rounded (w itself is never written)
+                self._update(i, w, g, new)
+                p._assign(round_to_half(new, new))
             elif p.dtype in LOW_PRECISION:  # compute in float32, round the result once
                 w, g = self._buffers("_param32")[i], self._buffers("_grad32")[i]
                 _upcast(p.data, w)
                 _upcast(p.grad, g)
-                self._update(i, w, g)
+                self._update(i, w, g, w)
                 _round_into(w, p.data)
             else:  # in place; the gradient itself is only read
-                self._update(i, p.data, p.grad)
+                w = p.data
+                self._update(i, w, p.grad, w)
 
-    def _update(self, i: int, w: np.ndarray, g: np.ndarray) -> None:
-        """Update parameter ``i``'s float array ``w`` in place from its gradient ``g``, which it
-        must only read (for float16 parameters ``g`` is a read-only image)."""
+    def _update(self, i: int, w: np.ndarray, g: np.ndarray, out: np.ndarray) -> None:
+        """Write parameter ``i``'s updated float values into ``out`` from its values ``w`` and its
+        gradient ``g``. ``out`` is ``w`` itself (in place) or a separate array (for float16,
+        whose ``w`` and ``g`` are read-only images); ``g`` is only read."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -120,7 +123,7 @@ class SGD(Optimizer):
         self.momentum, self.nesterov = momentum, nesterov
         self.weight_decay, self.dampening = weight_decay, dampening
 
-    def _update(self, i, w, g):
+    def _update(self, i, w, g, out):
         s = self._buffers("_scratch")[i]
         d = g
         if self.weight_decay:
@@ -147,7 +150,7 @@ class SGD(Optimizer):
             else:
                 d = buf
         np.multiply(d, self.lr, out=s)
-        w -= s
+        np.subtract(w, s, out=out)
 
 
 class Adam(Optimizer):
@@ -162,11 +165,12 @@ class Adam(Optimizer):
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
 
-    def _update(self, i, w, g):
+    def _update(self, i, w, g, out):
         s = self._buffers("_scratch")[i]
         if self.weight_decay:
             if self.decoupled:
-                w *= 1 - self.lr * self.weight_decay
+                np.multiply(w, 1 - self.lr * self.weight_decay, out=out)
+                w = out
             else:
                 g2 = self._buffers("_scratch2")[i]
                 np.multiply(w, self.weight_decay, out=g2)
@@ -187,7 +191,7 @@ class Adam(Optimizer):
         s += self.eps
         np.divide(m, s, out=s)
         s *= self.lr / bc1
-        w -= s
+        np.subtract(w, s, out=out)
 
 
 class AdamW(Adam):
