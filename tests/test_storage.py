@@ -2,6 +2,10 @@
 nothing a user can see: the same bits as packing every result, arrays handed out stay the truth
 (writes into them count, held ones see every optimizer step), and images are never written."""
 
+import subprocess
+import sys
+import warnings
+
 import numpy as np
 import pytest
 
@@ -292,3 +296,63 @@ def test_kink_hooks_see_the_output_before_it_is_rounded():
     want = np.where(x > 0, x, x * np.float32(0.1))
     assert np.array_equal(seen[0], want) and not np.array_equal(seen[0], want.astype(np.float16))
     assert np.array_equal(_bits(out.data), _bits(want.astype(np.float16)))
+
+
+def test_reference_thresholds_ignore_a_tracer_active_at_import():
+    """A tracer that reads frame locals while kinkprop is imported (a debugger) must not raise
+    the counts that mean "nothing else holds it": tanh's gradient reads the output its VJP kept,
+    which in-place rounding would then overwrite (review)."""
+    code = (
+        "import sys, numpy as np\n"
+        "def tracer(frame, event, arg):\n"
+        "    frame.f_locals\n"
+        "    return tracer\n"
+        "sys.settrace(tracer)\n"
+        "import kinkprop as kp\n"
+        "sys.settrace(None)\n"
+        "x16 = np.linspace(-3, 3, 2000).astype(np.float16)\n"
+        "x = kp.tensor(x16, requires_grad=True)\n"
+        "kp.tanh(x).backward(np.ones(2000, np.float16))\n"
+        "a = np.tanh(x16.astype(np.float32))\n"
+        "bad = int((x.grad.view(np.uint16) != (1 - a * a).astype(np.float16).view(np.uint16)).sum())\n"
+        "print(kp.storage._FRESH_REFS, kp.storage._SOLE_REFS, bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(storage._FRESH_REFS), str(storage._SOLE_REFS), "0"]
+
+
+def test_reading_data_between_steps_changes_nothing_in_any_layout():
+    """Whether a user looks at ``.data`` between steps (which packs the values and drops the
+    image) must not change a bit: so the optimizer's new image keeps the parameter's memory
+    layout, as an upcast of its array would (review: a Fortran-ordered weight's column sums)."""
+    rng = np.random.default_rng(0)
+    w0 = np.asfortranarray((rng.standard_normal((300, 200)) * 0.1).astype(np.float16))
+    c = kp.tensor(np.float32(1.0))  # float32 products: their sums depend on the order
+    results = []
+    for look in (False, True):
+        w = kp.nn.Parameter(w0.copy(order="F"))
+        opt = SGD([w], lr=0.01)
+        for _ in range(3):
+            col = kp.sum(w * c * (w * c), axis=0)
+            loss = kp.sum(col * col)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if look:
+                w.data  # noqa: B018  (reading packs the values and drops the image)
+        results.append((col.data.copy(), w.data.copy()))
+    (col_a, w_a), (col_b, w_b) = results
+    assert np.array_equal(_bits(col_a), _bits(col_b)) and np.array_equal(_bits(w_a), _bits(w_b))
+
+
+def test_an_ndarray_subclass_output_becomes_a_plain_array():
+    from kinkprop.primitives.core import apply, register
+
+    prim = register("test_storage_matrix_out", lambda x: (np.asmatrix(x) * np.float32(1.5), None),
+                    lambda g, res, needs, c: (np.asarray(g) * 1.5,), lambda ts, res, c: ts[0] * 1.5)
+    x16 = (np.arange(1, 5, dtype=np.float16).reshape(2, 2) / 3).astype(np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)  # np.matrix
+        y = apply(prim, (kp.tensor(x16, requires_grad=True),))
+    y16 = (x16.astype(np.float32) * np.float32(1.5)).astype(np.float16)
+    want = (y16.astype(np.float32) * y16.astype(np.float32)).astype(np.float16)  # elementwise
+    assert np.array_equal(_bits((y * y).data), _bits(want))

@@ -119,7 +119,7 @@ def rounded(a: np.ndarray) -> np.ndarray:
     primitive's output, a cotangent, a sum), as float32: rounded in ``a``'s own memory when
     only the caller's one name holds it (fewer bytes through the caches), else into a new array.
     Call it with a local variable that the caller drops or rebinds to the result."""
-    if (_getrefcount is not None and isinstance(a, np.ndarray) and a.base is None
+    if (_getrefcount is not None and type(a) is np.ndarray and a.base is None
             and a.flags.writeable and _getrefcount(a) <= _FRESH_REFS):
         return round_to_half(a, a)
     return round_to_half(a)
@@ -130,6 +130,20 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _untraced(count):
+    """``count()`` with no trace or profile function: one that reads a frame's locals (a debugger
+    stepping through the import) holds references the thresholds must not include, or arrays
+    that something else holds would pass for sole-owned once it stops."""
+    trace, profile = sys.gettrace(), sys.getprofile()
+    sys.settrace(None)
+    sys.setprofile(None)
+    try:
+        return count()
+    finally:
+        sys.setprofile(profile)
+        sys.settrace(trace)
+
+
 def _sole_refs() -> int:
     """What :meth:`Stored._refs` counts for an array that only its record holds (the record's
     slot, the method's local name, the call's argument: 3 on CPython 3.11 to 3.13)."""
@@ -137,7 +151,7 @@ def _sole_refs() -> int:
     return probe._refs() if _getrefcount is not None else 0
 
 
-_SOLE_REFS = _sole_refs()
+_SOLE_REFS = _untraced(_sole_refs)
 
 
 def _refs_of_argument(a) -> int:
@@ -153,4 +167,4 @@ def _fresh_refs() -> int:
     return _refs_of_argument(a)
 
 
-_FRESH_REFS = _fresh_refs()
+_FRESH_REFS = _untraced(_fresh_refs)
