@@ -4,10 +4,11 @@ Updates run in place through per-parameter scratch buffers allocated once, so a 
 temporaries per parameter. Low-precision parameters (float16, bfloat16) follow the engine's rounding
 contract: the update is computed in float32 and the result rounded to the parameter's format; the
 optimizer state (momentum, moments) is kept in float32. float16 parameters and gradients come as
-float32 images of their values and the rounded update goes back as one (:mod:`kinkprop.storage`:
-packed into the parameter's own array when it is read, or at once if that array is held
-elsewhere); bfloat16 ones go through float32 buffers allocated once, the rounded result written
-into the parameter's own array.
+float32 images of their values, which are never written: the update goes into a new array,
+rounded there and handed back as the new image (:mod:`kinkprop.storage`: packed into the
+parameter's own array when it is read, or at once if that array is held elsewhere); bfloat16
+ones go through float32 buffers allocated once, the rounded result written into the parameter's
+own array.
 """
 
 from __future__ import annotations
