@@ -28,8 +28,8 @@ def _bits(a):
 
 
 def _assert_down_matches_astype(x):
-    """float_to_half(x) has astype's bits, and round_to_half(x) those bits as float32, on the fast
-    path (x padded past its size threshold)."""
+    """float_to_half(x) has astype's bits, and round_to_half(x) those bits as float32, into a new
+    array and in place, on the fast path (x padded past its size threshold)."""
     x = np.asarray(x, np.float32).reshape(-1)
     if x.size < FAST:
         x = np.concatenate([x, np.zeros(FAST - x.size, np.float32)])
@@ -44,6 +44,13 @@ def _assert_down_matches_astype(x):
         grid = round_to_half(x)
     bad = np.flatnonzero(_bits(grid) != _bits(want.astype(np.float32)))
     assert bad.size == 0, (f"round_to_half: {bad.size} mismatches, first: x bits "
+                           f"{_bits(x)[bad[:3]]}, got {_bits(grid)[bad[:3]]}")
+    # and in place (x's memory overwritten as it goes)
+    grid = x.copy()
+    with np.errstate(all="ignore"):
+        round_to_half(grid, grid)
+    bad = np.flatnonzero(_bits(grid) != _bits(want.astype(np.float32)))
+    assert bad.size == 0, (f"round_to_half in place: {bad.size} mismatches, first: x bits "
                            f"{_bits(x)[bad[:3]]}, got {_bits(grid)[bad[:3]]}")
 
 
