@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 
-from kinkprop.checkpoint import CheckpointError, load_checkpoint
+from kinkprop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from kinkprop.data import Dataset
 from kinkprop.train import TrainConfig, Trainer, TrainingError, evaluate_checkpoint
 
@@ -146,6 +146,44 @@ def test_non_finite_loss_message_names_the_checkpoint(tmp_path):
         trainer.run()
     meta, groups = load_checkpoint(tmp_path / "checkpoint.npz")
     assert meta["epoch"] == 1 and np.isfinite(groups["model"]["1.weight"]).all()
+
+
+def _bad_state(state):
+    state = json.loads(json.dumps(state))
+    state["state"]["state"] = "abc"
+    return state
+
+
+@pytest.mark.parametrize("key,edit", [
+    ("direction_state", _bad_state),
+    ("epoch_start_state", _bad_state),
+    ("epoch_start_state", lambda s: {**s, "bit_generator": "MT19937"}),
+    ("epoch", lambda v: "1"),
+    ("step_in_epoch", lambda v: -2),
+    ("history", lambda v: {"epoch": 1}),
+    ("partial", lambda v: {**v, "loss": None}),
+    ("losses", lambda v: v + ["nan"]),
+    ("epoch_counts", lambda v: [1]),
+    ("epoch_kinks", lambda v: []),
+    ("history", None),  # removed
+])
+def test_resume_from_an_edited_checkpoint_names_the_entry(tmp_path, key, edit):
+    """A checkpoint whose meta was edited by hand (or damaged) fails to resume with a message
+    naming the entry, before anything is applied or written: the file stays as it was."""
+    Trainer(_config(epochs=2), out=tmp_path, dataset=_blobs(), log=lambda m: None).run()
+    path = tmp_path / "checkpoint.npz"
+    meta, groups = load_checkpoint(path)
+    meta["epoch"] = 1  # (so that the resumed run would have work left)
+    if edit is None:
+        del meta[key]
+    else:
+        meta[key] = edit(meta[key])
+    save_checkpoint(path, meta, **groups)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=f"{key}.*(edited or damaged|start it again)"):
+        Trainer(_config(epochs=2), out=tmp_path, resume=True, dataset=_blobs(),
+                log=lambda m: None).run()
+    assert path.read_bytes() == before
 
 
 @pytest.mark.parametrize("field,value,valid", [("model", "resnet", "mlp, lenet, convnet"),

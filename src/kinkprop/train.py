@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import nn
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataLoader, load_dataset
 from .diagnostics.bifurcation import compare_on_tape
 from .kinks import directional
@@ -40,6 +40,65 @@ SCHEDULES = ("none", "step", "cosine")
 
 class TrainingError(RuntimeError):
     """Training stopped: the message says why and what was kept."""
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_rng_state(v) -> bool:
+    """Whether ``v`` is a state a PCG64 generator (the loader's and the directions') accepts."""
+    if not isinstance(v, dict) or v.get("bit_generator") != "PCG64":
+        return False
+    try:
+        np.random.PCG64().state = v
+    except (TypeError, ValueError, KeyError, OverflowError):
+        return False
+    return True
+
+
+#: the resume fields of a training checkpoint's meta: (what it must be, the check)
+_RESUME_FIELDS = {
+    "epoch": ("a count (an integer >= 0)", _is_count),
+    "step_in_epoch": ("a count (an integer >= 0)", _is_count),
+    "epoch_start_state": ("a PCG64 generator state", _is_rng_state),
+    "history": ("a list of per-epoch records", lambda v: isinstance(v, list) and all(
+        isinstance(h, dict) for h in v)),
+    "partial": ("a dict of the epoch's running loss, correct, n and seconds", lambda v: (
+        isinstance(v, dict) and all(isinstance(v.get(k), (int, float)) and not isinstance(
+            v.get(k), bool) for k in ("loss", "correct", "n", "seconds")))),
+    "losses": ("a list of numbers", lambda v: isinstance(v, list) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)),
+}
+#: fields later versions added: absent means an older checkpoint, but present must be well formed
+_OPTIONAL_RESUME_FIELDS = {
+    "epoch_kinks": ("a dict of per-site kink totals", lambda v: isinstance(v, dict)),
+    "epoch_counts": ("two counts", lambda v: isinstance(v, list) and len(v) == 2 and all(
+        _is_count(x) for x in v)),
+    "direction_state": ("a PCG64 generator state", _is_rng_state),
+}
+
+
+def _check_resume_meta(meta: dict, path) -> None:
+    """A :class:`CheckpointError` naming the first resume field of ``meta`` that is missing or
+    malformed (a checkpoint edited by hand or damaged), before any of it is applied."""
+    for fields, required in ((_RESUME_FIELDS, True), (_OPTIONAL_RESUME_FIELDS, False)):
+        for key, (what, ok) in fields.items():
+            if key not in meta:
+                if required:
+                    raise CheckpointError(f"{path}: the checkpoint has no {key!r} entry, so the "
+                                          "run cannot resume from it; start it again with --force")
+                continue
+            if not ok(meta[key]):
+                raise CheckpointError(
+                    f"{path}: the checkpoint's {key!r} should be {what}, got "
+                    f"{_short(meta[key])}; it was edited or damaged, so the run cannot resume "
+                    "from it (restore the file, or start the run again with --force)")
+
+
+def _short(v, limit=80) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
 @dataclass
@@ -249,6 +308,7 @@ class Trainer:
 
     def _load(self) -> None:
         meta, groups = load_checkpoint(self.checkpoint_path)
+        _check_resume_meta(meta, self.checkpoint_path)
         self.model.load_state_dict(groups.get("model", {}))
         self.optimizer.load_state_dict(groups.get("optim", {}))
         if self.schedule is not None and groups.get("sched"):
