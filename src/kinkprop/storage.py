@@ -125,6 +125,14 @@ def rounded(a: np.ndarray) -> np.ndarray:
     return round_to_half(a)
 
 
+def rounded_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a + b`` for two float32 images of float16 values (cotangents, gradients), as float16's
+    ``a += b`` rounds: the float32 sum rounded to float16, in the sum's own memory. float32 has
+    24 >= 2 * 11 + 2 significand bits, so rounding twice gives float16's correctly rounded sum."""
+    total = a + b
+    return rounded(total)
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
     return a

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .precision import _Emulation, float32, float_to_half, to_compute, to_storage
-from .storage import CARRIED, rounded
+from .storage import CARRIED, rounded, rounded_sum
 
 if TYPE_CHECKING:
     from .primitives.core import Primitive
@@ -165,8 +165,7 @@ def backward(root: Tensor, g: np.ndarray, retain_graph: bool = False,
                 elif not (t.dtype in CARRIED and _passes_on(node, ct, g)):
                     ct = rounded(ct)
                 if prev is not None:
-                    ct = prev + ct
-                    ct = rounded(ct)
+                    ct = rounded_sum(prev, ct)
                 pending[id(p)] = ct
             else:
                 ct = to_storage(ct, p.dtype)

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import tape
 from .precision import as_dtype, float32, is_float
-from .storage import CARRIED, Stored, rounded
+from .storage import CARRIED, Stored, rounded_sum
 
 
 class Tensor:
@@ -169,9 +169,8 @@ class Tensor:
                 self._grad is None or self._grad.dtype == self.dtype):
             if self._grad is None:
                 self._grad = Stored.of_image(g, self.dtype)
-            else:  # as float16 += float16 rounds: the float32 sum, rounded once
-                total = self._grad.compute() + g
-                self._grad.assign(rounded(total))
+            else:
+                self._grad.assign(rounded_sum(self._grad.compute(), g))
         elif self._grad is None:
             self.grad = np.array(g, dtype=self.dtype, copy=True)
         else:
