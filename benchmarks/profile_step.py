@@ -220,7 +220,9 @@ def main():
                    help="cpu: this thread's CPU time (default with 1 thread); wall: perf_counter "
                         "(default with more threads)")
     p.add_argument("--cprofile", type=int, default=0, metavar="N",
-                   help="also print cProfile's top N functions by own time")
+                   help="also print cProfile's top N functions (by --sort)")
+    p.add_argument("--sort", choices=("tottime", "cumulative"), default="tottime",
+                   help="cProfile's order: own time (default) or time including callees")
     args = p.parse_args()
     global CLOCK
     clock = args.clock or ("cpu" if _THREADS == "1" else "wall")
@@ -272,7 +274,7 @@ def main():
             step()
         prof.disable()
         s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(args.cprofile)
+        pstats.Stats(prof, stream=s).sort_stats(args.sort).print_stats(args.cprofile)
         text = s.getvalue()
         print("\n" + text[text.index("   ncalls"):] if "   ncalls" in text else text)
 
