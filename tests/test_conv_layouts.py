@@ -151,3 +151,34 @@ def test_empty_batches_and_channels(layout, xs, ws):
 def test_no_output_channel_is_refused():
     with pytest.raises(ValueError, match="no output channel"):
         kp.conv2d(np.zeros((1, 3, 4, 4)), np.zeros((0, 3, 3, 3)))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, np.int8, np.int16, np.int32,
+                                   np.int64, np.uint8, np.bool_])
+def test_max_pool_padding_never_wins_in_any_dtype(dtype):
+    """Padding takes the lowest value of the input's type (-inf, an integer type's minimum,
+    False): the max over a padded window is the max over its real elements. (Filling integer
+    padding with -inf through np.full casts it to 0, which beat every negative element.)"""
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    low = info.min if info is not None else (False if dtype is np.bool_ else -1e4)
+    x = np.full((2, 1, 3, 4), low, dtype)
+    x[1, 0, 1, 2] = 1 if dtype is not np.bool_ else True
+    got = kp.max_pool2d(kp.tensor(x), 2, stride=1, padding=1).data
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    want = np.lib.stride_tricks.sliding_window_view(xp, (2, 2), axis=(2, 3)).max(axis=(-2, -1))
+    assert got.dtype == dtype and np.array_equal(got.astype(np.float64), want)
+
+
+@pytest.mark.parametrize("value", [0.0, -np.inf, 1.5])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_padding_is_np_pad(dtype, value):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 5, 4)).astype(dtype)
+    for xx, pad in ((x, (1, 2)), (x.transpose(0, 1, 3, 2), (0, 1)), (x[:0], (2, 0))):
+        geo = conv._Geometry(xx.shape, (3, 3), (1, 1), pad, "t")
+        want = np.pad(xx, ((0, 0), (0, 0), (pad[0],) * 2, (pad[1],) * 2), constant_values=value)
+        got = geo.pad(xx, value)
+        assert got.dtype == want.dtype and np.array_equal(got, want) and got.flags.c_contiguous
+    with pytest.raises(ValueError, match="cannot pad int8 with -inf"):
+        conv._Geometry((1, 1, 2, 2), (2, 2), (1, 1), (1, 1), "t").pad(np.zeros((1, 1, 2, 2),
+                                                                                np.int8), -np.inf)

@@ -55,6 +55,8 @@ class _Geometry:
         0.035 ms on LeNet's first conv)."""
         if not (self.ph or self.pw):
             return x
+        if np.dtype(x.dtype).kind in "iub" and not np.isfinite(value):
+            raise ValueError(f"cannot pad {x.dtype} with {value}")  # (np.full would cast it)
         xp = np.full(x.shape[:2] + (self.hp, self.wp), value, dtype=x.dtype)
         self.unpad(xp)[...] = x
         return xp
@@ -387,8 +389,18 @@ def _tiles(geo) -> bool:
     return (geo.sh, geo.sw) == (geo.kh, geo.kw) and not (geo.ph or geo.pw)
 
 
+def _lowest(dtype):
+    """The value padding takes in a max, one no element is below: -inf, an integer type's
+    minimum (the max is then right; integer tensors carry no gradient, so a tie with padding at
+    that minimum decides nothing) or False."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        return np.iinfo(dtype).min
+    return False if dtype.kind == "b" else -np.inf
+
+
 def _max_pool_fwd(x, geo):
-    xp = geo.pad(x, -np.inf)
+    xp = geo.pad(x, _lowest(x.dtype))
     best = None
     if _tiles(geo):  # fast path: a chain of maxima; the first winner is found in backward
         for _, sl in geo.offsets():
