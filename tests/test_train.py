@@ -165,7 +165,11 @@ def _bad_state(state):
     ("losses", lambda v: v + ["nan"]),
     ("epoch_counts", lambda v: [1]),
     ("epoch_kinks", lambda v: []),
+    ("epoch_kinks", lambda v: {"2:relu": 5}),
     ("history", None),  # removed
+    ("history", lambda v: [{}]),
+    ("history", lambda v: [{**v[0], "test_acc": "x"}]),
+    ("step_in_epoch", lambda v: 999),  # more than an epoch's batches
 ])
 def test_resume_from_an_edited_checkpoint_names_the_entry(tmp_path, key, edit):
     """A checkpoint whose meta was edited by hand (or damaged) fails to resume with a message
@@ -184,6 +188,14 @@ def test_resume_from_an_edited_checkpoint_names_the_entry(tmp_path, key, edit):
         Trainer(_config(epochs=2), out=tmp_path, resume=True, dataset=_blobs(),
                 log=lambda m: None).run()
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("meta", ["5", "null", "[1]", "{bad"])
+def test_a_checkpoint_whose_meta_is_not_a_json_object_is_refused(tmp_path, meta):
+    path = tmp_path / "c.npz"
+    np.savez(path, meta=np.asarray(meta))
+    with pytest.raises(CheckpointError, match="'meta' entry .*not a readable kinkprop checkpoint"):
+        load_checkpoint(path)
 
 
 @pytest.mark.parametrize("field,value,valid", [("model", "resnet", "mlp, lenet, convnet"),

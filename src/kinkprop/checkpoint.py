@@ -53,7 +53,14 @@ def load_checkpoint(path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
     arrays = _decode(arrays)
     if "meta" not in arrays:
         raise CheckpointError(f"{path}: no 'meta' entry; not a kinkprop checkpoint")
-    meta = json.loads(str(arrays.pop("meta")))
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its 'meta' entry is not JSON ({e}); not a readable "
+                              "kinkprop checkpoint") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its 'meta' entry is {json.dumps(meta)[:40]}, not a JSON "
+                              "object; not a readable kinkprop checkpoint")
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
         group, _, name = key.partition("/")

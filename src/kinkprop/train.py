@@ -46,6 +46,10 @@ def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _is_rng_state(v) -> bool:
     """Whether ``v`` is a state a PCG64 generator (the loader's and the directions') accepts."""
     if not isinstance(v, dict) or v.get("bit_generator") != "PCG64":
@@ -62,24 +66,28 @@ _RESUME_FIELDS = {
     "epoch": ("a count (an integer >= 0)", _is_count),
     "step_in_epoch": ("a count (an integer >= 0)", _is_count),
     "epoch_start_state": ("a PCG64 generator state", _is_rng_state),
-    "history": ("a list of per-epoch records", lambda v: isinstance(v, list) and all(
-        isinstance(h, dict) for h in v)),
+    "history": ("a list of per-epoch records, each with a numeric test_acc, test_loss and "
+                "seconds", lambda v: isinstance(v, list) and all(
+                    isinstance(h, dict) and all(_is_number(h.get(k)) for k in
+                                                ("test_acc", "test_loss", "seconds"))
+                    for h in v)),
     "partial": ("a dict of the epoch's running loss, correct, n and seconds", lambda v: (
-        isinstance(v, dict) and all(isinstance(v.get(k), (int, float)) and not isinstance(
-            v.get(k), bool) for k in ("loss", "correct", "n", "seconds")))),
+        isinstance(v, dict) and all(_is_number(v.get(k)) for k in
+                                    ("loss", "correct", "n", "seconds")))),
     "losses": ("a list of numbers", lambda v: isinstance(v, list) and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)),
+        _is_number(x) for x in v)),
 }
 #: fields later versions added: absent means an older checkpoint, but present must be well formed
 _OPTIONAL_RESUME_FIELDS = {
-    "epoch_kinks": ("a dict of per-site kink totals", lambda v: isinstance(v, dict)),
+    "epoch_kinks": ("a dict of per-site dicts of counts", lambda v: isinstance(v, dict) and all(
+        isinstance(c, dict) and all(_is_count(n) for n in c.values()) for c in v.values())),
     "epoch_counts": ("two counts", lambda v: isinstance(v, list) and len(v) == 2 and all(
         _is_count(x) for x in v)),
     "direction_state": ("a PCG64 generator state", _is_rng_state),
 }
 
 
-def _check_resume_meta(meta: dict, path) -> None:
+def _check_resume_meta(meta: dict, path, batches_per_epoch: int) -> None:
     """A :class:`CheckpointError` naming the first resume field of ``meta`` that is missing or
     malformed (a checkpoint edited by hand or damaged), before any of it is applied."""
     for fields, required in ((_RESUME_FIELDS, True), (_OPTIONAL_RESUME_FIELDS, False)):
@@ -94,6 +102,11 @@ def _check_resume_meta(meta: dict, path) -> None:
                     f"{path}: the checkpoint's {key!r} should be {what}, got "
                     f"{_short(meta[key])}; it was edited or damaged, so the run cannot resume "
                     "from it (restore the file, or start the run again with --force)")
+    if meta["step_in_epoch"] > batches_per_epoch:
+        raise CheckpointError(
+            f"{path}: the checkpoint's 'step_in_epoch' is {meta['step_in_epoch']}, but an epoch "
+            f"of this run has {batches_per_epoch} batches; it was edited or damaged, so the run "
+            "cannot resume from it (restore the file, or start the run again with --force)")
 
 
 def _short(v, limit=80) -> str:
@@ -308,7 +321,7 @@ class Trainer:
 
     def _load(self) -> None:
         meta, groups = load_checkpoint(self.checkpoint_path)
-        _check_resume_meta(meta, self.checkpoint_path)
+        _check_resume_meta(meta, self.checkpoint_path, len(self.loader))
         self.model.load_state_dict(groups.get("model", {}))
         self.optimizer.load_state_dict(groups.get("optim", {}))
         if self.schedule is not None and groups.get("sched"):
